@@ -1,0 +1,113 @@
+"""`InfluenceConfig`: every setting of the influence engine, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+
+SKETCH_FAMILIES = ("gaussian", "rademacher", "countsketch", "none")
+CURVATURES = ("kfac", "identity")
+LOSS_REDUCTIONS = ("sum", "mean")
+
+
+@dataclass
+class InfluenceConfig:
+    """Settings of `Influence`.
+
+    Args:
+        modules: glob patterns (``fnmatch``) over module names selecting the layers to track. ``None``
+            tracks every trainable ``nn.Linear``, GPT-2 ``Conv1D`` and peft LoRA A/B layer inside the
+            repeated decoder blocks (any module below an ``nn.ModuleList``); embeddings and the LM head
+            are left out.
+        sketch: random-projection family for both Kronecker sides, or ``"none"`` for exact per-layer
+            gradients (small models, checking).
+        sketch_dims: ``"auto"`` (effective-dimension rule), one int for both sides, or ``(m_A, m_E)``.
+            Sizes are capped at the layer's input/output width.
+        epsilon: target relative accuracy of the sketched scores; the rule takes
+            ``m = ceil(sizing_constant * d_eff / epsilon**2)`` per side.
+        sizing_constant: the constant ``c`` of the rule above.
+        damping: ridge λ added to the Kronecker product. ``"auto"`` = ``damping_factor`` × the mean
+            eigenvalue of A ⊗ E, per layer. A float is used as is for every layer (0 allowed).
+        damping_factor: multiplier of the mean eigenvalue used by ``damping="auto"``.
+        curvature: ``"kfac"`` (empirical Fisher, Kronecker-factored) or ``"identity"`` (gradient dot product).
+        seed: seeds every sketch; with the module name it fixes each layer's matrices everywhere.
+        loss_reduction: per-example loss is the ``"sum"`` (default) or ``"mean"`` of its labelled token losses.
+        factor_dtype: accumulation dtype of factors and sketched gradients (``"float32"`` or ``"float64"``).
+        exact_factor_limit: widths up to this are sized from their exact factors; wider ones from a
+            pilot Gaussian sketch of this size.
+        allow_shared: track modules that are tied to another or called several times per pass (their
+            calls are summed as extra tokens) instead of refusing them.
+    """
+
+    modules: list[str] | None = None
+    sketch: str = "gaussian"
+    sketch_dims: Any = "auto"
+    epsilon: float = 0.5
+    sizing_constant: float = 2.0
+    damping: Any = "auto"
+    damping_factor: float = 0.1
+    curvature: str = "kfac"
+    seed: int = 0
+    loss_reduction: str = "sum"
+    factor_dtype: str = "float32"
+    exact_factor_limit: int = 4096
+    allow_shared: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.modules, str):
+            self.modules = [self.modules]
+        if self.sketch not in SKETCH_FAMILIES:
+            raise ConfigError(f"`sketch` must be one of {SKETCH_FAMILIES}, got {self.sketch!r}.")
+        if self.curvature not in CURVATURES:
+            raise ConfigError(f"`curvature` must be one of {CURVATURES}, got {self.curvature!r}.")
+        if self.loss_reduction not in LOSS_REDUCTIONS:
+            raise ConfigError(f"`loss_reduction` must be one of {LOSS_REDUCTIONS}, got {self.loss_reduction!r}.")
+        if self.factor_dtype not in ("float32", "float64"):
+            raise ConfigError(f"`factor_dtype` must be 'float32' or 'float64', got {self.factor_dtype!r}.")
+        self.sketch_dims = _parse_sketch_dims(self.sketch_dims)
+        if isinstance(self.damping, str):
+            if self.damping != "auto":
+                raise ConfigError(f"`damping` must be 'auto' or a float >= 0, got {self.damping!r}.")
+        elif not (isinstance(self.damping, (int, float)) and self.damping >= 0):
+            raise ConfigError(f"`damping` must be 'auto' or a float >= 0, got {self.damping!r}.")
+        else:
+            self.damping = float(self.damping)
+        if not self.epsilon > 0:
+            raise ConfigError(f"`epsilon` must be > 0, got {self.epsilon!r}.")
+        if not self.sizing_constant > 0:
+            raise ConfigError(f"`sizing_constant` must be > 0, got {self.sizing_constant!r}.")
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        if isinstance(out["sketch_dims"], tuple):
+            out["sketch_dims"] = list(out["sketch_dims"])
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> InfluenceConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"Unknown `InfluenceConfig` fields {unknown}; known fields: {sorted(known)}.")
+        return cls(**values)
+
+
+def _parse_sketch_dims(value):
+    if value == "auto":
+        return value
+    if isinstance(value, bool):
+        raise ConfigError(f"`sketch_dims` must be 'auto', an int or (m_A, m_E), got {value!r}.")
+    if isinstance(value, int):
+        value = (value, value)
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        if min(value) < 1:
+            raise ConfigError(f"`sketch_dims` must be positive, got {value!r}.")
+        return tuple(value)
+    raise ConfigError(f"`sketch_dims` must be 'auto', an int or (m_A, m_E), got {value!r}.")
