@@ -1,0 +1,32 @@
+"""hfinfluence: pick the training data that helps a causal LM most, by sketched K-FAC influence."""
+
+from .config import InfluenceConfig
+from .errors import (
+    ConfigError,
+    ConfigMismatchError,
+    EmptyInputError,
+    InfluenceError,
+    NonFiniteError,
+    NotFittedError,
+    NoTrackableModuleError,
+    SharedModuleError,
+    UnsupportedModuleError,
+)
+from .influence import Influence
+from .sizing import SizingTable
+
+__all__ = [
+    "ConfigError",
+    "ConfigMismatchError",
+    "EmptyInputError",
+    "Influence",
+    "InfluenceConfig",
+    "InfluenceError",
+    "NoTrackableModuleError",
+    "NonFiniteError",
+    "NotFittedError",
+    "SharedModuleError",
+    "SizingTable",
+    "UnsupportedModuleError",
+]
+__version__ = "0.1.0"

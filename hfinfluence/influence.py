@@ -1,0 +1,547 @@
+"""The influence engine: fit curvature, set a target, score candidates.
+
+    score(z) = g_targetᵀ (F + λI)⁻¹ g_z
+
+with g_z the gradient of candidate z's loss, g_target the mean gradient of the target examples'
+losses, F the Kronecker-factored empirical Fisher of the fitted data, all restricted to the tracked
+layers (block-diagonal over layers) and computed in each layer's Kronecker sketch P_A ⊗ P_E.
+
+Sign: a positive score means one gradient step on z lowers the target loss (to first order, in the
+curvature's metric); a negative score means it raises it. Units: loss² per unit of curvature; scores
+are comparable across candidates of one run, not across runs with different damping or models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from accelerate.logging import get_logger
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .capture import GradientCapture, TrackedModule, find_tracked_modules
+from .config import InfluenceConfig
+from .curvature import FactorSums, eigendecompose, inverse_scale, precondition
+from .errors import ConfigMismatchError, EmptyInputError, NotFittedError
+from .losses import labelled_examples, per_example_loss
+from .sizing import (
+    SizingRow,
+    SizingTable,
+    auto_damping,
+    factor_effective_dims,
+    kronecker_effective_dim,
+    rule_sketch_dim,
+)
+from .sketch import make_module_sketch
+
+logger = get_logger(__name__)
+
+STATE_FILE, CONFIG_FILE = "influence.safetensors", "influence_config.json"
+
+
+@dataclass
+class LayerSketch:
+    """A layer's fixed sketch pair and its sizing. ``None`` sketches mean the identity (no compression)."""
+
+    info: TrackedModule
+    sketch_a: torch.Tensor | None
+    sketch_e: torch.Tensor | None
+    sketch_dim_a: int
+    sketch_dim_e: int
+    effective_dim_a: float = float("nan")
+    effective_dim_e: float = float("nan")
+    effective_dim: float = float("nan")
+
+
+@dataclass
+class LayerCurvature:
+    """Sketched factors of one layer and what preconditioning needs."""
+
+    activation_covariance: torch.Tensor
+    gradient_covariance: torch.Tensor
+    damping: float
+    eigvals_a: torch.Tensor
+    eigvecs_a: torch.Tensor
+    eigvals_e: torch.Tensor
+    eigvecs_e: torch.Tensor
+    scale: torch.Tensor
+
+
+class Influence:
+    """Influence scores of candidates on a target for a causal LM.
+
+    >>> from hfinfluence import Influence, InfluenceConfig            # doctest: +SKIP
+    >>> engine = Influence(model, InfluenceConfig(sketch_dims="auto"))
+    >>> engine.fit(train_batches)              # curvature + sketch sizes
+    >>> engine.set_target(target_batches)      # mean target gradient, preconditioned
+    >>> engine.score(candidate_batch)          # Tensor[batch], positive = helps the target
+    """
+
+    def __init__(self, model: nn.Module, config: InfluenceConfig | None = None):
+        self.model = model
+        self.config = config or InfluenceConfig()
+        self.tracked = find_tracked_modules(model, self.config.modules, allow_shared=self.config.allow_shared)
+        model_dtype = next(model.parameters()).dtype
+        wide = self.config.factor_dtype == "float64" or model_dtype == torch.float64
+        self.dtype = torch.float64 if wide else torch.float32
+        self.layers: dict[str, LayerSketch] = {}
+        self.curvature: dict[str, LayerCurvature] = {}
+        self.target: dict[str, torch.Tensor] | None = None
+        self.target_gradient: dict[str, torch.Tensor] | None = None
+        self.target_examples = 0
+
+    # ------------------------------------------------------------------ passes
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _prepare(self, batch: Mapping) -> dict[str, torch.Tensor]:
+        if "input_ids" not in batch:
+            raise EmptyInputError(f"A batch needs `input_ids` (got keys {sorted(batch)}); use an HF data collator.")
+        input_ids = torch.as_tensor(batch["input_ids"], device=self.device)
+        if input_ids.ndim != 2 or input_ids.shape[0] == 0 or input_ids.shape[1] < 2:
+            raise EmptyInputError(f"`input_ids` must be [batch ≥ 1, tokens ≥ 2], got shape {tuple(input_ids.shape)}.")
+        mask = batch.get("attention_mask")
+        mask = torch.ones_like(input_ids) if mask is None else torch.as_tensor(mask, device=self.device)
+        labels = batch.get("labels")
+        if labels is None:
+            labels = input_ids.masked_fill(mask == 0, -100)
+        else:
+            labels = torch.as_tensor(labels, device=self.device).masked_fill(mask == 0, -100)
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+    def _sketch(self, layer: LayerSketch, a: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[batch, tokens, d] activations and output-gradients → their sketches [batch, tokens, m]."""
+        a, e = a.to(self.dtype), e.to(self.dtype)
+        if layer.sketch_a is not None:
+            a = a @ layer.sketch_a.to(device=a.device, dtype=self.dtype).T
+        if layer.sketch_e is not None:
+            e = e @ layer.sketch_e.to(device=e.device, dtype=self.dtype).T
+        return a, e
+
+    def _run(self, batch: Mapping, callback) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """One forward+backward over ``batch`` with ``callback(info, a, e)`` fired per tracked layer."""
+        inputs = self._prepare(batch)
+        valid = labelled_examples(inputs["labels"])
+        if not valid.any():
+            raise EmptyInputError(
+                "Every label in this batch is -100 (or padding), so no example has a loss. Check the label "
+                "masking of the collator, or that completions survive truncation to `max_length`."
+            )
+        capture = GradientCapture(self.tracked, callback, allow_shared=self.config.allow_shared)
+        with _eval_mode(self.model), torch.enable_grad(), capture:
+            capture.set_token_mask(inputs["attention_mask"])
+            logits = self.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+            losses = per_example_loss(logits, inputs["labels"], reduction=self.config.loss_reduction)
+            if not capture.outputs:
+                raise RuntimeError(
+                    "No tracked layer produced a differentiable output. Is the model under torch.no_grad, or "
+                    "using reentrant gradient checkpointing? Disable it for scoring."
+                )
+            torch.autograd.grad(losses.sum(), capture.outputs, allow_unused=True)
+            calls = dict(capture.calls)
+        inputs["valid"] = valid
+        inputs["losses"] = losses.detach()
+        return inputs, calls
+
+    def _batches(self, batches: Iterable[Mapping], what: str, desc: str):
+        count = 0
+        for batch in tqdm(batches, desc=desc, disable=not _show_progress(), leave=False):
+            count += 1
+            yield batch
+        if count == 0:
+            raise EmptyInputError(f"`{what}` is empty: pass at least one batch (a dict from an HF data collator).")
+
+    # ------------------------------------------------------------------ curvature
+
+    def fit(self, batches: Iterable[Mapping]) -> Influence:
+        """Accumulate the curvature over ``batches``; on the first call also size and build the sketches.
+
+        The first call accumulates each layer's factors exactly (or in a pilot sketch for layers wider
+        than ``exact_factor_limit``), applies the effective-dimension rule, and projects the factors into
+        the chosen sketches. Later calls (refreshes) reuse those sketches and accumulate in sketched space.
+        Factors are summed across processes when torch.distributed is initialised.
+        """
+        first = not self.layers
+        bases = self._sizing_bases() if first else None
+        sums = {name: self._zero_sums(name, bases) for name in self.tracked}
+
+        def accumulate(info, a, e):
+            if first:
+                a, e = _project(a.to(self.dtype), bases[info.name][0]), _project(e.to(self.dtype), bases[info.name][1])
+            else:
+                a, e = self._sketch(self.layers[info.name], a, e)
+            sums[info.name].add(a, e)
+
+        for batch in self._batches(batches, "batches", "fit curvature"):
+            inputs, calls = self._run(batch, accumulate)
+            tokens, examples = inputs["attention_mask"].sum(), int(inputs["valid"].sum())
+            for name, s in sums.items():
+                s.add_counts(tokens * max(calls.get(name, 0), 1), examples)
+
+        for name, s in sums.items():
+            s.all_reduce_()
+            activation, gradient = s.factors()
+            if first:
+                self.curvature[name] = self._resolve_layer(self.tracked[name], activation, gradient, bases[name])
+            else:
+                self.curvature[name] = self._decompose(name, activation, gradient)
+        if self.target_gradient is not None:
+            self._precondition_target()
+        return self
+
+    def _sizing_bases(self) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """Per layer, the space factors are first accumulated in: identity, or a pilot sketch if too wide."""
+        limit, bases = self.config.exact_factor_limit, {}
+        for name, info in self.tracked.items():
+            sides = []
+            for side, width in (("pilot-A", info.d_in), ("pilot-E", info.d_out)):
+                pilot = None
+                if self.config.sketch != "none" and width > limit:
+                    pilot = self._module_sketch(name, side, limit, width, family="gaussian")
+                sides.append(pilot)
+            bases[name] = tuple(sides)
+        return bases
+
+    def _zero_sums(self, name: str, bases) -> FactorSums:
+        info = self.tracked[name]
+        if bases is None:
+            dim_a, dim_e = self.layers[name].sketch_dim_a, self.layers[name].sketch_dim_e
+        else:
+            pilot_a, pilot_e = bases[name]
+            dim_a = info.d_in if pilot_a is None else pilot_a.shape[0]
+            dim_e = info.d_out if pilot_e is None else pilot_e.shape[0]
+        return FactorSums.zeros(dim_a, dim_e, dtype=self.dtype, device=self.device)
+
+    def _damping(self, name: str, activation: torch.Tensor, gradient: torch.Tensor) -> float:
+        if self.config.damping != "auto":
+            return self.config.damping
+        info = self.tracked[name]
+        return auto_damping(
+            torch.diagonal(activation),
+            torch.diagonal(gradient),
+            factor=self.config.damping_factor,
+            dim_a=info.d_in,
+            dim_e=info.d_out,
+        )
+
+    def _resolve_layer(self, info: TrackedModule, activation, gradient, bases) -> LayerCurvature:
+        """Choose (m_A, m_E) for one layer, build its sketches, and decompose the factors in sketched space."""
+        name, config = info.name, self.config
+        eig_a = eigendecompose(activation, module=name, what="activation covariance")
+        eig_e = eigendecompose(gradient, module=name, what="gradient covariance")
+        damping = self._damping(name, activation, gradient)
+        eff_a, eff_e = factor_effective_dims(eig_a[0], eig_e[0], damping)
+
+        sides = []
+        for side, factor, eig, effective, width, pilot in (
+            ("A", activation, eig_a, eff_a, info.d_in, bases[0]),
+            ("E", gradient, eig_e, eff_e, info.d_out, bases[1]),
+        ):
+            cap = width if pilot is None else pilot.shape[0]
+            if config.sketch == "none":
+                sides.append((None, width, factor, eig))
+                continue
+            if config.sketch_dims == "auto":
+                m = rule_sketch_dim(effective, epsilon=config.epsilon, constant=config.sizing_constant, width=cap)
+                if m >= cap:  # the cap binds: keep the (pilot) space as it is, nothing to compress
+                    sides.append((pilot, cap, factor, eig))
+                    continue
+            else:
+                m = min(config.sketch_dims[0 if side == "A" else 1], cap)
+            inner = self._module_sketch(name, side, m, cap)
+            full = inner if pilot is None else inner @ pilot
+            sides.append((full, m, inner @ factor @ inner.T, None))
+
+        (sketch_a, m_a, activation, known_a), (sketch_e, m_e, gradient, known_e) = sides
+        self.layers[name] = LayerSketch(
+            info, sketch_a, sketch_e, m_a, m_e, eff_a, eff_e, kronecker_effective_dim(eig_a[0], eig_e[0], damping)
+        )
+        return self._decompose(name, activation, gradient, known=(known_a, known_e))
+
+    def _decompose(self, name: str, activation: torch.Tensor, gradient: torch.Tensor, known=(None, None)):
+        """Eigenbases and inverse scale of one layer's sketched factors (``known`` reuses decompositions)."""
+        damping = self._damping(name, activation, gradient)
+        if self.config.curvature == "identity":
+            m_a, m_e = activation.shape[0], gradient.shape[0]
+            eye_a = torch.eye(m_a, dtype=torch.float64, device=activation.device)
+            eye_e = torch.eye(m_e, dtype=torch.float64, device=activation.device)
+            ones = torch.ones(m_e, m_a, dtype=torch.float64, device=activation.device)
+            return LayerCurvature(activation, gradient, damping, ones[0], eye_a, ones[:, 0], eye_e, ones)
+        alpha, u_a = known[0] or eigendecompose(activation, module=name, what="activation covariance")
+        gamma, u_e = known[1] or eigendecompose(gradient, module=name, what="gradient covariance")
+        scale = inverse_scale(alpha, gamma, damping)
+        return LayerCurvature(activation, gradient, damping, alpha, u_a, gamma, u_e, scale)
+
+    def _require_curvature(self) -> None:
+        if self.curvature:
+            return
+        if self.config.curvature == "identity" and self.config.sketch_dims != "auto":
+            self._build_without_factors()
+            return
+        raise NotFittedError(
+            "Call `fit(batches)` first: the curvature and the effective-dimension sizing come from it "
+            "(only `curvature='identity'` with explicit `sketch_dims` or `sketch='none'` can skip it)."
+        )
+
+    def _build_without_factors(self) -> None:
+        """Identity curvature with fixed sizes: sketches only, no data needed."""
+        exact = self.config.sketch == "none"
+        for name, info in self.tracked.items():
+            sides = []
+            for index, (side, width) in enumerate((("A", info.d_in), ("E", info.d_out))):
+                m = width if exact else min(self.config.sketch_dims[index], width)
+                sketch = None if exact else self._module_sketch(name, side, m, width)
+                sides.append((sketch, m))
+            (sketch_a, m_a), (sketch_e, m_e) = sides
+            self.layers[name] = LayerSketch(info, sketch_a, sketch_e, m_a, m_e)
+            zeros_a = torch.zeros(m_a, m_a, dtype=self.dtype, device=self.device)
+            zeros_e = torch.zeros(m_e, m_e, dtype=self.dtype, device=self.device)
+            self.curvature[name] = self._decompose(name, zeros_a, zeros_e)
+
+    def _module_sketch(self, name: str, side: str, m: int, width: int, family: str | None = None) -> torch.Tensor:
+        family = family or self.config.sketch
+        sketch = make_module_sketch(
+            family, m, width, seed=self.config.seed, module_name=name, side=side, dtype=self.dtype
+        )
+        return sketch.to(self.device)
+
+    # ------------------------------------------------------------------ gradients and scores
+
+    def sketch_gradients(self, batch: Mapping) -> dict[str, torch.Tensor]:
+        """Per-example sketched layer gradients S_i = Σ_t (P_E e_t)(P_A a_t)ᵀ, [batch, m_E, m_A] per layer.
+
+        With ``sketch="none"`` these are the exact per-example gradients (Conv1D's transposed to [d_out, d_in]).
+        """
+        self._require_curvature()
+        out: dict[str, torch.Tensor] = {}
+
+        def collect(info, a, e):
+            pa, pe = self._sketch(self.layers[info.name], a, e)
+            grad = torch.einsum("bte,bta->bea", pe, pa)
+            out[info.name] = out[info.name] + grad if info.name in out else grad
+
+        self._run(batch, collect)
+        return out
+
+    def set_target(self, batches: Iterable[Mapping]) -> Influence:
+        """Average the target examples' sketched gradients and precondition the mean, (F + λI)⁻¹ g_target.
+
+        Examples without any labelled token are left out of the mean. Sums are combined across processes.
+        """
+        self._require_curvature()
+        sums = {
+            name: torch.zeros(lay.sketch_dim_e, lay.sketch_dim_a, dtype=self.dtype, device=self.device)
+            for name, lay in self.layers.items()
+        }
+
+        def accumulate(info, a, e):
+            pa, pe = self._sketch(self.layers[info.name], a, e)
+            sums[info.name] += torch.einsum("bte,bta->ea", pe, pa)
+
+        examples = torch.zeros((), dtype=self.dtype, device=self.device)
+        for batch in self._batches(batches, "target batches", "target gradient"):
+            inputs, _ = self._run(batch, accumulate)
+            examples += inputs["valid"].sum()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for tensor in [*sums.values(), examples]:
+                dist.all_reduce(tensor)
+        self.target_examples = int(examples)
+        self.target_gradient = {name: s / examples for name, s in sums.items()}
+        self._precondition_target()
+        return self
+
+    def _precondition_target(self) -> None:
+        self.target = {}
+        for name, gradient in self.target_gradient.items():
+            curv = self.curvature[name]
+            if self.config.curvature == "identity":
+                self.target[name] = gradient
+            else:
+                self.target[name] = precondition(gradient, curv.eigvecs_a, curv.eigvecs_e, curv.scale)
+
+    def score(self, batch: Mapping) -> torch.Tensor:
+        """Scores [batch] of a batch of candidates: g_targetᵀ (F + λI)⁻¹ g_z, positive = lowers the target loss.
+
+        Examples with no labelled token score 0.
+        """
+        if self.target is None:
+            raise NotFittedError("Call `set_target(batches)` before `score`.")
+        scores = None
+
+        def accumulate(info, a, e):
+            nonlocal scores
+            pa, pe = self._sketch(self.layers[info.name], a, e)
+            part = ((pe @ self.target[info.name]) * pa).sum(dim=(1, 2))
+            scores = part if scores is None else scores + part
+
+        self._run(batch, accumulate)
+        return scores.detach().cpu()
+
+    def pairwise(self, train_batches: Iterable[Mapping], query_batches: Iterable[Mapping]) -> torch.Tensor:
+        """Score matrix [n_train, n_query]: entry (i, j) = g_queryjᵀ (F + λI)⁻¹ g_traini.
+
+        The preconditioned query gradients are held in memory (n_query × Σ m_E m_A values); train batches
+        are streamed one at a time, so memory does not grow with the number of training examples.
+        """
+        self._require_curvature()
+        queries: dict[str, list[torch.Tensor]] = {name: [] for name in self.layers}
+        for batch in self._batches(query_batches, "query_batches", "query gradients"):
+            for name, grad in self.sketch_gradients(batch).items():
+                if self.config.curvature != "identity":
+                    curv = self.curvature[name]
+                    grad = precondition(grad, curv.eigvecs_a, curv.eigvecs_e, curv.scale)
+                queries[name].append(grad)
+        stacked = {name: torch.cat(parts) for name, parts in queries.items() if parts}
+
+        rows = []
+        for batch in self._batches(train_batches, "train_batches", "pairwise scores"):
+            block = None
+            for name, grad in self.sketch_gradients(batch).items():
+                part = torch.einsum("bea,qea->bq", grad, stacked[name])
+                block = part if block is None else block + part
+            rows.append(block.cpu())
+        return torch.cat(rows)
+
+    # ------------------------------------------------------------------ sizing
+
+    def sizing(self) -> SizingTable:
+        """Per-layer sizing: widths, effective dimensions, chosen sketch sizes, damping and saturation.
+
+        ``sat_A`` = d_{λ/‖Ẽ‖}(Ã) / m_A (and ``sat_E`` likewise) measured on the sketched factors: near 1 means
+        the sketch is saturated and m should grow; ≲ 0.2 is comfortable (ALGORITHMS.md §1).
+        """
+        self._require_curvature()
+        table = SizingTable()
+        for name, layer in self.layers.items():
+            curv = self.curvature[name]
+            sat_a, sat_e = float("nan"), float("nan")
+            if self.config.curvature != "identity" and curv.eigvals_a.numel():
+                eff_a, eff_e = factor_effective_dims(curv.eigvals_a, curv.eigvals_e, curv.damping)
+                sat_a, sat_e = eff_a / layer.sketch_dim_a, eff_e / layer.sketch_dim_e
+            table.append(
+                SizingRow(
+                    name,
+                    layer.info.d_in,
+                    layer.info.d_out,
+                    layer.effective_dim_a,
+                    layer.effective_dim_e,
+                    layer.effective_dim,
+                    layer.sketch_dim_a,
+                    layer.sketch_dim_e,
+                    curv.damping,
+                    sat_a,
+                    sat_e,
+                )
+            )
+        return table
+
+    # ------------------------------------------------------------------ persistence
+
+    def _signature(self) -> dict:
+        return {
+            "config": self.config.to_dict(),
+            "modules": {n: [i.d_in, i.d_out] for n, i in self.tracked.items()},
+        }
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write sketches, factors, sizing and target to ``directory`` atomically (safetensors + JSON config)."""
+        self._require_curvature()
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors, meta = {}, {}
+        for name, layer in self.layers.items():
+            curv = self.curvature[name]
+            tensors[f"{name}::activation_covariance"] = curv.activation_covariance
+            tensors[f"{name}::gradient_covariance"] = curv.gradient_covariance
+            for key, value in (("sketch_a", layer.sketch_a), ("sketch_e", layer.sketch_e)):
+                if value is not None:
+                    tensors[f"{name}::{key}"] = value
+            if self.target_gradient is not None:
+                tensors[f"{name}::target_gradient"] = self.target_gradient[name]
+            meta[name] = {
+                "sketch_dim_a": layer.sketch_dim_a,
+                "sketch_dim_e": layer.sketch_dim_e,
+                "effective_dim_a": layer.effective_dim_a,
+                "effective_dim_e": layer.effective_dim_e,
+                "effective_dim": layer.effective_dim,
+            }
+        payload = {**self._signature(), "layers": meta, "target_examples": self.target_examples}
+        tmp = Path(tempfile.mkdtemp(dir=directory, prefix=".tmp-"))
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / STATE_FILE))
+            (tmp / CONFIG_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True))
+            for file in (STATE_FILE, CONFIG_FILE):
+                os.replace(tmp / file, directory / file)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return directory
+
+    def load(self, directory: str | os.PathLike) -> Influence:
+        """Restore state saved by `save`; refuses state made with a different config or different layers."""
+        directory = Path(directory)
+        if not (directory / CONFIG_FILE).exists() or not (directory / STATE_FILE).exists():
+            raise FileNotFoundError(
+                f"No saved influence state in {directory} (expected {CONFIG_FILE} and {STATE_FILE})."
+            )
+        payload = json.loads((directory / CONFIG_FILE).read_text())
+        mine = self._signature()
+        if payload["config"] != mine["config"] or payload["modules"] != mine["modules"]:
+            raise ConfigMismatchError(
+                f"State in {directory} was made with a different setup.\n"
+                f"saved:   {json.dumps({k: payload[k] for k in mine}, sort_keys=True)}\n"
+                f"current: {json.dumps(mine, sort_keys=True)}\n"
+                "Load it with the saved config, or fit again into another folder."
+            )
+        tensors = load_file(str(directory / STATE_FILE), device=str(self.device))
+        self.layers, self.curvature = {}, {}
+        for name, meta in payload["layers"].items():
+            self.layers[name] = LayerSketch(
+                self.tracked[name],
+                tensors.get(f"{name}::sketch_a"),
+                tensors.get(f"{name}::sketch_e"),
+                meta["sketch_dim_a"],
+                meta["sketch_dim_e"],
+                meta["effective_dim_a"],
+                meta["effective_dim_e"],
+                meta["effective_dim"],
+            )
+            self.curvature[name] = self._decompose(
+                name, tensors[f"{name}::activation_covariance"], tensors[f"{name}::gradient_covariance"]
+            )
+        if f"{next(iter(payload['layers']))}::target_gradient" in tensors:
+            self.target_gradient = {name: tensors[f"{name}::target_gradient"] for name in payload["layers"]}
+            self.target_examples = payload["target_examples"]
+            self._precondition_target()
+        return self
+
+
+def _project(x: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
+    return x if basis is None else x @ basis.T
+
+
+def _show_progress() -> bool:
+    main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return main and os.environ.get("HFINFLUENCE_PROGRESS", "1") != "0"
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """Dropout off while scoring, the caller's mode restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)

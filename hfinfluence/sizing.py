@@ -1,0 +1,129 @@
+"""The effective-dimension rule for sketch sizes, the damping default and the sizing table.
+
+Effective dimension of a PSD matrix with eigenvalues σ at ridge λ (Hu et al., arXiv 2602.10449):
+
+    d_λ = Σ_i σ_i / (σ_i + λ)
+
+For a Kronecker factor pair the rule sizes each side separately at the rescaled ridge
+(ALGORITHMS.md §2): m_A from d_{λ/‖E‖}(A), m_E from d_{λ/‖A‖}(E), each ``ceil(c · d / ε²)`` capped at the
+layer's width. The eigenvalues of A ⊗ E are the products α_i γ_j, so d_λ(A ⊗ E) is exact without any
+d_in·d_out matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+def effective_dim(eigenvalues: torch.Tensor, damping: float) -> float:
+    """d_λ = Σ σ / (σ + λ); with λ = 0 it is the numerical rank."""
+    values = eigenvalues.to(torch.float64).clamp(min=0)
+    if damping <= 0:
+        return float((values > values.max() * 1e-10).sum()) if values.numel() else 0.0
+    return float((values / (values + damping)).sum())
+
+
+def kronecker_effective_dim(alpha: torch.Tensor, gamma: torch.Tensor, damping: float) -> float:
+    """d_λ(A ⊗ E) from the factors' eigenvalues α [d_A] and γ [d_E]."""
+    return effective_dim(torch.outer(gamma.to(torch.float64), alpha.to(torch.float64)).flatten(), damping)
+
+
+def factor_effective_dims(alpha: torch.Tensor, gamma: torch.Tensor, damping: float) -> tuple[float, float]:
+    """(d_{λ/‖E‖}(A), d_{λ/‖A‖}(E)): each factor's effective dimension at the ridge rescaled by the other's norm."""
+    norm_a, norm_e = float(alpha.max()), float(gamma.max())
+    if norm_a <= 0 or norm_e <= 0:
+        return 0.0, 0.0
+    return effective_dim(alpha, damping / norm_e), effective_dim(gamma, damping / norm_a)
+
+
+def auto_damping(alpha: torch.Tensor, gamma: torch.Tensor, *, factor: float, dim_a: int, dim_e: int) -> float:
+    """``factor`` × the mean eigenvalue of A ⊗ E = factor · tr(A) tr(E) / (d_A d_E).
+
+    Traces are divided by the true layer widths, so the value is also right when the eigenvalues
+    come from a pilot sketch of a wide layer (the sketch preserves the trace in expectation).
+    """
+    return factor * float(alpha.sum()) * float(gamma.sum()) / (dim_a * dim_e)
+
+
+def rule_sketch_dim(effective: float, *, epsilon: float, constant: float, width: int) -> int:
+    """m = ceil(c · d_eff / ε²), at least 1, capped at ``width``."""
+    return int(min(width, max(1, math.ceil(constant * effective / epsilon**2))))
+
+
+@dataclass
+class SizingRow:
+    module: str
+    d_in: int
+    d_out: int
+    effective_dim_a: float
+    effective_dim_e: float
+    effective_dim: float
+    sketch_dim_a: int
+    sketch_dim_e: int
+    damping: float
+    saturation_a: float
+    saturation_e: float
+
+
+class SizingTable(list):
+    """Rows of `SizingRow`, one per tracked module; ``str()`` gives an aligned text table."""
+
+    columns = (
+        "module",
+        "d_in",
+        "d_out",
+        "d_eff(A)",
+        "d_eff(E)",
+        "d_eff(A⊗E)",
+        "m_A",
+        "m_E",
+        "damping",
+        "sat_A",
+        "sat_E",
+    )
+
+    def _cells(self, row: SizingRow) -> list[str]:
+        return [
+            row.module,
+            str(row.d_in),
+            str(row.d_out),
+            f"{row.effective_dim_a:.1f}",
+            f"{row.effective_dim_e:.1f}",
+            f"{row.effective_dim:.1f}",
+            str(row.sketch_dim_a),
+            str(row.sketch_dim_e),
+            f"{row.damping:.3g}",
+            f"{row.saturation_a:.2f}",
+            f"{row.saturation_e:.2f}",
+        ]
+
+    def totals(self) -> dict:
+        return {
+            "modules": len(self),
+            "sketched_params": sum(r.sketch_dim_a * r.sketch_dim_e for r in self),
+            "full_params": sum(r.d_in * r.d_out for r in self),
+        }
+
+    def __str__(self) -> str:
+        cells = [list(self.columns)] + [self._cells(r) for r in self]
+        widths = [max(len(row[i]) for row in cells) for i in range(len(self.columns))]
+        lines = [
+            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+            for row in cells
+        ]
+        t = self.totals()
+        lines.append(
+            f"{t['modules']} modules; sketched gradient size {t['sketched_params']:,} "
+            f"of {t['full_params']:,} parameters"
+        )
+        return "\n".join(lines)
+
+    def to_markdown(self) -> str:
+        header = "| " + " | ".join(self.columns) + " |\n|" + "---|" * len(self.columns) + "\n"
+        return header + "\n".join("| " + " | ".join(self._cells(r)) + " |" for r in self) + "\n"
+
+    def to_dicts(self) -> list[dict]:
+        return [asdict(r) for r in self]
