@@ -35,3 +35,18 @@ class NotFittedError(InfluenceError, RuntimeError):
 
 class ConfigMismatchError(InfluenceError, ValueError):
     """Saved state was produced by a different configuration than the one in use."""
+
+
+class SourceNotFoundError(InfluenceError, FileNotFoundError):
+    """A model or dataset source (local path, bundled file, Hub id, split) cannot be found or reached."""
+
+
+class DataFormatError(InfluenceError, ValueError):
+    """Data, a tokenizer or a formatting option does not fit the requested loading or formatting step."""
+
+
+class MissingColumnError(DataFormatError):
+    """A row lacks a column the formatting step was told to read; the message lists the columns it has.
+
+    A `ValueError` rather than a `KeyError`, so the message prints as written.
+    """
