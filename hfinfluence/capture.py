@@ -148,9 +148,11 @@ class GradientCapture:
         self.outputs: list[torch.Tensor] = []
         self.token_mask: torch.Tensor | None = None
         self.calls: dict[str, int] = {}
+        self.enabled = True
         self._handles = []
 
     def __enter__(self) -> GradientCapture:
+        self.enabled = True
         for info in self.tracked.values():
             self._handles.append(info.module.register_forward_hook(self._forward_hook(info)))
         return self
@@ -160,6 +162,7 @@ class GradientCapture:
             handle.remove()
         self._handles.clear()
         self.outputs.clear()
+        self.enabled = False  # tensor hooks on a retained graph stay silent in later backward passes
 
     def set_token_mask(self, mask: torch.Tensor) -> None:
         """Start a new pass; ``mask`` [batch, tokens] is 1 on real tokens, 0 on padding."""
@@ -187,6 +190,8 @@ class GradientCapture:
         return hook
 
     def _on_gradient(self, info: TrackedModule, activations: torch.Tensor, grad: torch.Tensor) -> None:
+        if not self.enabled:
+            return
         mask = self.token_mask
         a, e = _as_batch_tokens(activations, mask, info), _as_batch_tokens(grad.detach(), mask, info)
         if mask is not None:

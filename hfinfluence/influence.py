@@ -77,6 +77,19 @@ class LayerCurvature:
     scale: torch.Tensor
 
 
+@dataclass
+class Observation:
+    """What `Influence.observe` gathered from a pass the caller ran: per-example scores [batch]."""
+
+    capture: GradientCapture
+    scores: torch.Tensor | None = None
+
+    @property
+    def outputs(self) -> list[torch.Tensor]:
+        """Outputs of the tracked layers in this pass; differentiate the summed per-example loss w.r.t. them."""
+        return self.capture.outputs
+
+
 class Influence:
     """Influence scores of candidates on a target for a causal LM.
 
@@ -99,6 +112,7 @@ class Influence:
         self.target: dict[str, torch.Tensor] | None = None
         self.target_gradient: dict[str, torch.Tensor] | None = None
         self.target_examples = 0
+        self.pending: dict[str, FactorSums] = {}
 
     # ------------------------------------------------------------------ passes
 
@@ -413,6 +427,72 @@ class Influence:
                 block = part if block is None else block + part
             rows.append(block.cpu())
         return torch.cat(rows)
+
+    @contextlib.contextmanager
+    def observe(
+        self,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        score: bool = True,
+        accumulate_curvature: bool = False,
+    ):
+        """Hooks for a forward+backward the caller runs (e.g. a training step): scoring with no pass of its own.
+
+        Inside the block, run the forward pass, then differentiate the *sum of per-example losses* (weight 1
+        each) with respect to ``observation.outputs`` — e.g. ``torch.autograd.grad(losses.sum(),
+        observation.outputs, retain_graph=True)``. Afterwards ``observation.scores`` holds the scores and, with
+        ``accumulate_curvature``, the pass's sketched factors are added to the pending sums that
+        `refresh_curvature` turns into new curvature. Backward passes after the block are not observed.
+
+        Shapes: ``attention_mask`` and ``labels`` [batch, tokens], as given to the model.
+        """
+        self._require_curvature()
+        if score and self.target is None:
+            raise NotFittedError("Call `set_target(batches)` before observing a pass with `score=True`.")
+
+        def callback(info, a, e):
+            pa, pe = self._sketch(self.layers[info.name], a, e)
+            if score:
+                part = ((pe @ self.target[info.name]) * pa).sum(dim=(1, 2))
+                observation.scores = part if observation.scores is None else observation.scores + part
+            if accumulate_curvature:
+                self._pending_sums(info.name).add(pa, pe)
+
+        capture = GradientCapture(self.tracked, callback, allow_shared=self.config.allow_shared)
+        observation = Observation(capture)
+        with capture:
+            capture.set_token_mask(attention_mask)
+            yield observation
+            calls = dict(capture.calls)
+        if accumulate_curvature:
+            tokens, examples = attention_mask.sum(), int(labelled_examples(labels).sum())
+            for name in self.layers:
+                self._pending_sums(name).add_counts(tokens * max(calls.get(name, 0), 1), examples)
+
+    def _pending_sums(self, name: str) -> FactorSums:
+        if name not in self.pending:
+            layer = self.layers[name]
+            self.pending[name] = FactorSums.zeros(
+                layer.sketch_dim_a, layer.sketch_dim_e, dtype=self.dtype, device=self.device
+            )
+        return self.pending[name]
+
+    def refresh_curvature(self) -> bool:
+        """Replace the curvature by the factors accumulated through `observe` since the last refresh.
+
+        Sums are combined across processes first (every process must call this together). Returns False,
+        leaving the curvature as it was, when nothing was accumulated.
+        """
+        if not self.pending:
+            return False
+        for name, sums in self.pending.items():
+            sums.all_reduce_()
+            self.curvature[name] = self._decompose(name, *sums.factors())
+        self.pending = {}
+        if self.target_gradient is not None:
+            self._precondition_target()
+        return True
 
     # ------------------------------------------------------------------ sizing
 

@@ -162,3 +162,24 @@ def test_save_load_round_trip_and_refusal(llama, tmp_path):
     torch.testing.assert_close(restored.score(CANDIDATES), engine.score(CANDIDATES), rtol=RTOL, atol=ATOL)
     with pytest.raises(ConfigMismatchError, match="saved:.*\n.*current:"):
         Influence(llama, InfluenceConfig(sketch="countsketch", sketch_dims=(6, 5))).load(tmp_path / "state")
+
+
+def test_observed_training_pass_scores_and_refits_like_the_engine(llama):
+    from hfinfluence.losses import per_example_loss
+
+    engine = fitted(llama, sketch="gaussian", sketch_dims=(6, 8))
+    expected = engine.score(CANDIDATES)
+    with engine.observe(CANDIDATES["attention_mask"], CANDIDATES["labels"], accumulate_curvature=True) as obs:
+        logits = llama(input_ids=CANDIDATES["input_ids"], attention_mask=CANDIDATES["attention_mask"]).logits
+        losses = per_example_loss(logits, CANDIDATES["labels"])
+        torch.autograd.grad(losses.sum(), obs.outputs, retain_graph=True)
+    torch.testing.assert_close(obs.scores, expected, rtol=RTOL, atol=ATOL)
+    (0.5 * losses.sum()).backward()  # a later training backward is not observed
+    torch.testing.assert_close(obs.scores, expected, rtol=RTOL, atol=ATOL)
+
+    reference = Influence(llama, InfluenceConfig(sketch="gaussian", sketch_dims=(6, 8)))
+    reference.fit(split_batch(FIT, 4))
+    reference.fit([CANDIDATES])  # a refit reuses the sketches and sees only the new data
+    assert engine.refresh_curvature() and not engine.refresh_curvature()
+    for name, curv in engine.curvature.items():
+        torch.testing.assert_close(curv.gradient_covariance, reference.curvature[name].gradient_covariance)
