@@ -13,8 +13,8 @@ from hfinfluence import (
     Influence,
     InfluenceConfig,
     NonFiniteError,
-    NoTrackableModuleError,
     NotFittedError,
+    NoTrackableModuleError,
     SharedModuleError,
     UnsupportedModuleError,
 )
@@ -97,8 +97,15 @@ def test_score_before_target(llama):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("sketch", "sparse"), ("curvature", "hessian"), ("damping", -1.0), ("damping", "big"), ("sketch_dims", 0),
-     ("sketch_dims", (3, 4, 5)), ("epsilon", 0.0)],
+    [
+        ("sketch", "sparse"),
+        ("curvature", "hessian"),
+        ("damping", -1.0),
+        ("damping", "big"),
+        ("sketch_dims", 0),
+        ("sketch_dims", (3, 4, 5)),
+        ("epsilon", 0.0),
+    ],
 )
 def test_config_validation(field, value):
     with pytest.raises(ConfigError, match=f"`{field}`"):
