@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from accelerate.logging import get_logger
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -33,6 +32,7 @@ from .capture import GradientCapture, TrackedModule, find_tracked_modules
 from .config import InfluenceConfig
 from .curvature import FactorSums, eigendecompose, inverse_scale, precondition
 from .errors import ConfigMismatchError, EmptyInputError, NotFittedError
+from .logs import get_logger
 from .losses import labelled_examples, per_example_loss
 from .sizing import (
     SizingRow,
@@ -500,7 +500,8 @@ class Influence:
         """Per-layer sizing: widths, effective dimensions, chosen sketch sizes, damping and saturation.
 
         ``sat_A`` = d_{λ/‖Ẽ‖}(Ã) / m_A (and ``sat_E`` likewise) measured on the sketched factors: near 1 means
-        the sketch is saturated and m should grow; ≲ 0.2 is comfortable (ALGORITHMS.md §1).
+        the sketch is saturated and m should grow; ≲ 0.2 is comfortable (Hu et al., arXiv 2602.10449). A side
+        left unsketched (m = width, the rule's cap binds or ``sketch="none"``) shows no saturation.
         """
         self._require_curvature()
         table = SizingTable()
@@ -509,7 +510,10 @@ class Influence:
             sat_a, sat_e = float("nan"), float("nan")
             if self.config.curvature != "identity" and curv.eigvals_a.numel():
                 eff_a, eff_e = factor_effective_dims(curv.eigvals_a, curv.eigvals_e, curv.damping)
-                sat_a, sat_e = eff_a / layer.sketch_dim_a, eff_e / layer.sketch_dim_e
+                if layer.sketch_a is not None:
+                    sat_a = eff_a / layer.sketch_dim_a
+                if layer.sketch_e is not None:
+                    sat_e = eff_e / layer.sketch_dim_e
             table.append(
                 SizingRow(
                     name,

@@ -53,6 +53,10 @@ def rule_sketch_dim(effective: float, *, epsilon: float, constant: float, width:
     return int(min(width, max(1, math.ceil(constant * effective / epsilon**2))))
 
 
+def _ratio(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2f}"
+
+
 @dataclass
 class SizingRow:
     module: str
@@ -96,8 +100,8 @@ class SizingTable(list):
             str(row.sketch_dim_a),
             str(row.sketch_dim_e),
             f"{row.damping:.3g}",
-            f"{row.saturation_a:.2f}",
-            f"{row.saturation_e:.2f}",
+            _ratio(row.saturation_a),
+            _ratio(row.saturation_e),
         ]
 
     def totals(self) -> dict:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,10 +25,12 @@ def reference_factors(model, batch, tracked):
     """A = token mean of a aᵀ, E = per-example mean of Σ_t e eᵀ, from plain hooks and retain_grad."""
     inputs, outputs, handles = {}, {}, []
     for name, info in tracked.items():
+
         def hook(module, args, output, name=name):
             inputs[name] = args[0]
             output.retain_grad()
             outputs[name] = output
+
         handles.append(info.module.register_forward_hook(hook))
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     loss = torch.nn.functional.cross_entropy(
@@ -65,8 +70,9 @@ def fitted(model, **config):
 
 def test_exact_scores_equal_brute_force_kronecker(llama):
     engine = fitted(llama, sketch="none", damping=1e-3)
-    torch.testing.assert_close(engine.score(CANDIDATES), brute_force_scores(llama, engine.tracked, 1e-3),
-                               rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(
+        engine.score(CANDIDATES), brute_force_scores(llama, engine.tracked, 1e-3), rtol=1e-6, atol=1e-8
+    )
 
 
 def test_auto_damping_is_a_tenth_of_the_mean_kronecker_eigenvalue(llama):
@@ -120,7 +126,10 @@ def test_sizing_effective_dims_equal_brute_force_eigenvalues(llama):
         alpha, gamma = torch.linalg.eigvalsh(a).clamp(min=0), torch.linalg.eigvalsh(e).clamp(min=0)
         d_a = float((alpha / (alpha + lam / gamma.max())).sum())
         d_e = float((gamma / (gamma + lam / alpha.max())).sum())
-        assert (row.effective_dim_a, row.effective_dim_e) == (pytest.approx(d_a, rel=1e-6), pytest.approx(d_e, rel=1e-6))
+        assert (row.effective_dim_a, row.effective_dim_e) == (
+            pytest.approx(d_a, rel=1e-6),
+            pytest.approx(d_e, rel=1e-6),
+        )
 
 
 def test_auto_sizes_follow_the_rule_and_shrink_with_epsilon():
@@ -149,9 +158,14 @@ def test_sketch_is_identical_in_another_process():
 
 @pytest.mark.parametrize("family", ["gaussian", "rademacher", "countsketch"])
 def test_sketches_are_normalised(family):
-    total = sum(make_module_sketch(family, 8, 6, seed=s, module_name="m", side="A", dtype=torch.float64).T
-                @ make_module_sketch(family, 8, 6, seed=s, module_name="m", side="A", dtype=torch.float64)
-                for s in range(3000)) / 3000
+    total = (
+        sum(
+            make_module_sketch(family, 8, 6, seed=s, module_name="m", side="A", dtype=torch.float64).T
+            @ make_module_sketch(family, 8, 6, seed=s, module_name="m", side="A", dtype=torch.float64)
+            for s in range(3000)
+        )
+        / 3000
+    )
     torch.testing.assert_close(total, torch.eye(6, dtype=torch.float64), rtol=0, atol=0.06)
 
 
@@ -183,3 +197,24 @@ def test_observed_training_pass_scores_and_refits_like_the_engine(llama):
     assert engine.refresh_curvature() and not engine.refresh_curvature()
     for name, curv in engine.curvature.items():
         torch.testing.assert_close(curv.gradient_covariance, reference.curvature[name].gradient_covariance)
+
+
+def test_two_processes_fit_on_shards_like_one_process_on_all(llama, tmp_path):
+    script = Path(__file__).with_name("dist_engine.py")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    with socket.socket() as probe:  # a free loopback port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(script.parent)}
+    command = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", port]
+    subprocess.run([*command, str(script), str(tmp_path / "dist.pt")], check=True, env=env, timeout=300)
+
+    result = torch.load(tmp_path / "dist.pt")
+    assert result["world"] == 2
+    single = Influence(llama, InfluenceConfig(sketch="gaussian", sketch_dims=(6, 8)))
+    single.fit([FIT]).set_target([TARGET])
+    for name, factor in result["factors"].items():
+        torch.testing.assert_close(factor, single.curvature[name].gradient_covariance, rtol=1e-10, atol=1e-12)
+    expected = single.score(CANDIDATES)
+    for scores in result["scores"]:  # both ranks score identically with the global curvature and target
+        torch.testing.assert_close(scores, expected, rtol=1e-8, atol=1e-10)
