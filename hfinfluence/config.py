@@ -10,7 +10,7 @@ from typing import Any
 from .errors import ConfigError
 
 SKETCH_FAMILIES = ("gaussian", "rademacher", "countsketch", "none")
-CURVATURES = ("kfac", "identity")
+CURVATURES = ("kfac", "ekfac", "identity")
 LOSS_REDUCTIONS = ("sum", "mean")
 
 
@@ -33,7 +33,9 @@ class InfluenceConfig:
         damping: ridge λ added to the Kronecker product. ``"auto"`` = ``damping_factor`` × the mean
             eigenvalue of A ⊗ E, per layer. A float is used as is for every layer (0 allowed).
         damping_factor: multiplier of the mean eigenvalue used by ``damping="auto"``.
-        curvature: ``"kfac"`` (empirical Fisher, Kronecker-factored) or ``"identity"`` (gradient dot product).
+        curvature: ``"kfac"`` (empirical Fisher, Kronecker-factored), ``"ekfac"`` (K-FAC eigenbases with
+            eigenvalues refitted per entry, one more pass over the fit data) or ``"identity"`` (gradient dot
+            product).
         seed: seeds every sketch; with the module name it fixes each layer's matrices everywhere.
         loss_reduction: per-example loss is the ``"sum"`` (default) or ``"mean"`` of its labelled token losses.
         factor_dtype: accumulation dtype of factors and sketched gradients (``"float32"`` or ``"float64"``).

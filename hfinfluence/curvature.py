@@ -93,12 +93,27 @@ def eigenvalues(factor: torch.Tensor, *, module: str, what: str) -> torch.Tensor
 
 def inverse_scale(alpha: torch.Tensor, gamma: torch.Tensor, damping: float) -> torch.Tensor:
     """[m_E, m_A] multipliers 1 / (γ_j α_i + λ); with λ = 0, the pseudo-inverse (0 on the null space)."""
-    products = torch.outer(gamma, alpha)
+    return inverse_eigenvalues(torch.outer(gamma, alpha), damping)
+
+
+def inverse_eigenvalues(products: torch.Tensor, damping: float) -> torch.Tensor:
+    """1 / (σ + λ) entrywise; with λ = 0, the pseudo-inverse (0 where σ ≤ PINV_RTOL · max σ)."""
     denominator = products + damping
     if damping > 0:
         return 1.0 / denominator
     cutoff = PINV_RTOL * products.max().clamp(min=torch.finfo(products.dtype).tiny)
     return torch.where(denominator > cutoff, 1.0 / denominator.clamp(min=cutoff), torch.zeros_like(denominator))
+
+
+def rotated_squares(gradients: torch.Tensor, eigvecs_a: torch.Tensor, eigvecs_e: torch.Tensor) -> torch.Tensor:
+    """Σ_i (U_Eᵀ S_i U_A)² over a batch of sketched gradients [batch, m_E, m_A] → [m_E, m_A].
+
+    Averaged over examples these are the eigenvalue-corrected entries Λ of EK-FAC (George et al. 2018,
+    "Fast Approximate Natural Gradient Descent in a Kronecker-factored Eigenbasis", eq. 9).
+    """
+    dtype = gradients.dtype
+    rotated = eigvecs_e.to(dtype).T @ gradients @ eigvecs_a.to(dtype)
+    return (rotated**2).sum(dim=0)
 
 
 def precondition(

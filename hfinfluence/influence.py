@@ -14,6 +14,7 @@ are comparable across candidates of one run, not across runs with different damp
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -30,7 +31,15 @@ from tqdm.auto import tqdm
 
 from .capture import GradientCapture, TrackedModule, find_tracked_modules
 from .config import InfluenceConfig
-from .curvature import FactorSums, eigendecompose, inverse_scale, precondition
+from .curvature import (
+    FactorSums,
+    check_finite,
+    eigendecompose,
+    inverse_eigenvalues,
+    inverse_scale,
+    precondition,
+    rotated_squares,
+)
 from .errors import ConfigMismatchError, EmptyInputError, NotFittedError
 from .logs import get_logger
 from .losses import labelled_examples, per_example_loss
@@ -75,6 +84,7 @@ class LayerCurvature:
     eigvals_e: torch.Tensor
     eigvecs_e: torch.Tensor
     scale: torch.Tensor
+    corrected: torch.Tensor | None = None
 
 
 @dataclass
@@ -187,6 +197,8 @@ class Influence:
         the chosen sketches. Later calls (refreshes) reuse those sketches and accumulate in sketched space.
         Factors are summed across processes when torch.distributed is initialised.
         """
+        if self.config.curvature == "ekfac":
+            batches = list(batches)  # a second pass refits the eigenvalues in the new eigenbases
         first = not self.layers
         bases = self._sizing_bases() if first else None
         sums = {name: self._zero_sums(name, bases) for name in self.tracked}
@@ -211,9 +223,40 @@ class Influence:
                 self.curvature[name] = self._resolve_layer(self.tracked[name], activation, gradient, bases[name])
             else:
                 self.curvature[name] = self._decompose(name, activation, gradient)
+        if self.config.curvature == "ekfac":
+            self._fit_eigenvalue_correction(batches)
         if self.target_gradient is not None:
             self._precondition_target()
         return self
+
+    def _fit_eigenvalue_correction(self, batches: list[Mapping]) -> None:
+        """EK-FAC: Λ = mean over examples of (U_Eᵀ S_i U_A)², replacing the products γ_j α_i (ALGORITHMS.md §2)."""
+        sums = {
+            n: torch.zeros(lay.sketch_dim_e, lay.sketch_dim_a, dtype=self.dtype, device=self.device)
+            for n, lay in self.layers.items()
+        }
+
+        def accumulate(info, a, e):
+            pa, pe = self._sketch(self.layers[info.name], a, e)
+            curv = self.curvature[info.name]
+            sums[info.name] += rotated_squares(torch.einsum("bte,bta->bea", pe, pa), curv.eigvecs_a, curv.eigvecs_e)
+
+        examples = torch.zeros((), dtype=self.dtype, device=self.device)
+        for batch in self._batches(batches, "batches", "eigenvalue correction"):
+            inputs, _ = self._run(batch, accumulate)
+            examples += inputs["valid"].sum()
+        _all_reduce([*sums.values(), examples])
+        for name, total in sums.items():
+            self.curvature[name] = self._corrected(name, self.curvature[name], total / examples)
+
+    def _corrected(self, name: str, curv: LayerCurvature, corrected: torch.Tensor) -> LayerCurvature:
+        check_finite(corrected, what="corrected eigenvalues", module=name)
+        info = self.tracked[name]
+        damping = self.config.damping
+        if damping == "auto":  # the mean eigenvalue in full space: the corrected entries sum to tr(F)
+            damping = self.config.damping_factor * float(corrected.sum()) / (info.d_in * info.d_out)
+        scale = inverse_eigenvalues(corrected.to(torch.float64), damping)
+        return dataclasses.replace(curv, damping=damping, scale=scale, corrected=corrected)
 
     def _sizing_bases(self) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
         """Per layer, the space factors are first accumulated in: identity, or a pilot sketch if too wide."""
@@ -368,9 +411,7 @@ class Influence:
         for batch in self._batches(batches, "target batches", "target gradient"):
             inputs, _ = self._run(batch, accumulate)
             examples += inputs["valid"].sum()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            for tensor in [*sums.values(), examples]:
-                dist.all_reduce(tensor)
+        _all_reduce([*sums.values(), examples])
         self.target_examples = int(examples)
         self.target_gradient = {name: s / examples for name, s in sums.items()}
         self._precondition_target()
@@ -450,6 +491,11 @@ class Influence:
         self._require_curvature()
         if score and self.target is None:
             raise NotFittedError("Call `set_target(batches)` before observing a pass with `score=True`.")
+        if accumulate_curvature and self.config.curvature == "ekfac":
+            raise NotImplementedError(
+                "EK-FAC's eigenvalue correction needs the new eigenbases before it can be accumulated, so it "
+                "cannot be refreshed from observed passes; refresh it with `fit(batches)` instead."
+            )
 
         def callback(info, a, e):
             pa, pe = self._sketch(self.layers[info.name], a, e)
@@ -552,6 +598,8 @@ class Influence:
             for key, value in (("sketch_a", layer.sketch_a), ("sketch_e", layer.sketch_e)):
                 if value is not None:
                     tensors[f"{name}::{key}"] = value
+            if curv.corrected is not None:
+                tensors[f"{name}::corrected"] = curv.corrected
             if self.target_gradient is not None:
                 tensors[f"{name}::target_gradient"] = self.target_gradient[name]
             meta[name] = {
@@ -604,11 +652,20 @@ class Influence:
             self.curvature[name] = self._decompose(
                 name, tensors[f"{name}::activation_covariance"], tensors[f"{name}::gradient_covariance"]
             )
+            if f"{name}::corrected" in tensors:
+                self.curvature[name] = self._corrected(name, self.curvature[name], tensors[f"{name}::corrected"])
         if f"{next(iter(payload['layers']))}::target_gradient" in tensors:
             self.target_gradient = {name: tensors[f"{name}::target_gradient"] for name in payload["layers"]}
             self.target_examples = payload["target_examples"]
             self._precondition_target()
         return self
+
+
+def _all_reduce(tensors: list[torch.Tensor]) -> None:
+    """Sum in place across processes when torch.distributed is initialised; a no-op otherwise."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for tensor in tensors:
+            dist.all_reduce(tensor)
 
 
 def _project(x: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:

@@ -218,3 +218,29 @@ def test_two_processes_fit_on_shards_like_one_process_on_all(llama, tmp_path):
     expected = single.score(CANDIDATES)
     for scores in result["scores"]:  # both ranks score identically with the global curvature and target
         torch.testing.assert_close(scores, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_ekfac_equals_explicit_eigenvalue_correction(llama, tmp_path):
+    damping = 1e-3
+    engine = fitted(llama, sketch="none", curvature="ekfac", damping=damping)
+    factors = reference_factors(llama, FIT, engine.tracked)
+    train = reference_gradients(llama, FIT, engine.tracked)
+    target = {n: g.mean(0) for n, g in reference_gradients(llama, TARGET, engine.tracked).items()}
+    candidates = reference_gradients(llama, CANDIDATES, engine.tracked)
+    expected = torch.zeros(CANDIDATES["input_ids"].shape[0], dtype=torch.float64)
+    for name, (a, e) in factors.items():
+        # explicit: eigenbasis Q = U_A ⊗ U_E of the K-FAC factors, diagonal refitted to E_i[(Qᵀ vec G_i)²]
+        basis = torch.kron(torch.linalg.eigh(a).eigenvectors, torch.linalg.eigh(e).eigenvectors)
+        coords = train[name].transpose(1, 2).reshape(len(train[name]), -1) @ basis
+        curvature = basis @ torch.diag((coords**2).mean(0)) @ basis.T + damping * torch.eye(len(basis))
+        vec_target = target[name].T.reshape(-1)
+        vec_candidates = candidates[name].transpose(1, 2).reshape(len(expected), -1)
+        expected += vec_candidates @ torch.linalg.solve(curvature, vec_target)
+    torch.testing.assert_close(engine.score(CANDIDATES), expected, rtol=1e-6, atol=1e-8)
+    kfac = fitted(llama, sketch="none", curvature="kfac", damping=damping).score(CANDIDATES)
+    assert (kfac - expected).abs().max() > 1e-3 * expected.abs().max()  # the correction changes the scores
+
+    engine.save(tmp_path / "ekfac")
+    config = InfluenceConfig(sketch="none", curvature="ekfac", damping=damping)
+    restored = Influence(llama, config).load(tmp_path / "ekfac")
+    torch.testing.assert_close(restored.score(CANDIDATES), expected, rtol=1e-6, atol=1e-8)
