@@ -33,6 +33,9 @@ class InfluenceConfig:
         damping: ridge λ added to the Kronecker product. ``"auto"`` = ``damping_factor`` × the mean
             eigenvalue of A ⊗ E, per layer. A float is used as is for every layer (0 allowed).
         damping_factor: multiplier of the mean eigenvalue used by ``damping="auto"``.
+        sketch_budget: with ``sketch_dims="auto"`` and ``damping="auto"``, the most rows a sketch side may
+            have: a layer whose rule asks for more gets the smallest larger λ at which the rule fits
+            (λ and m chosen together). ``None`` keeps λ at the ``damping_factor`` default.
         curvature: ``"kfac"`` (empirical Fisher, Kronecker-factored), ``"ekfac"`` (K-FAC eigenbases with
             eigenvalues refitted per entry, one more pass over the fit data) or ``"identity"`` (gradient dot
             product).
@@ -52,6 +55,7 @@ class InfluenceConfig:
     sizing_constant: float = 2.0
     damping: Any = "auto"
     damping_factor: float = 0.1
+    sketch_budget: int | None = None
     curvature: str = "kfac"
     seed: int = 0
     loss_reduction: str = "sum"
@@ -80,6 +84,8 @@ class InfluenceConfig:
             self.damping = float(self.damping)
         if not self.epsilon > 0:
             raise ConfigError(f"`epsilon` must be > 0, got {self.epsilon!r}.")
+        if self.sketch_budget is not None and not (isinstance(self.sketch_budget, int) and self.sketch_budget >= 1):
+            raise ConfigError(f"`sketch_budget` must be None or an int >= 1, got {self.sketch_budget!r}.")
         if not self.sizing_constant > 0:
             raise ConfigError(f"`sizing_constant` must be > 0, got {self.sizing_constant!r}.")
 

@@ -47,6 +47,7 @@ from .sizing import (
     SizingRow,
     SizingTable,
     auto_damping,
+    damping_for_budget,
     factor_effective_dims,
     kronecker_effective_dim,
     rule_sketch_dim,
@@ -123,6 +124,7 @@ class Influence:
         self.target_gradient: dict[str, torch.Tensor] | None = None
         self.target_examples = 0
         self.pending: dict[str, FactorSums] = {}
+        self.damping_override: dict[str, float] = {}  # per-layer λ chosen with the sketch size (sketch_budget)
 
     # ------------------------------------------------------------------ passes
 
@@ -284,6 +286,8 @@ class Influence:
     def _damping(self, name: str, activation: torch.Tensor, gradient: torch.Tensor) -> float:
         if self.config.damping != "auto":
             return self.config.damping
+        if name in self.damping_override:
+            return self.damping_override[name]
         info = self.tracked[name]
         return auto_damping(
             torch.diagonal(activation),
@@ -299,6 +303,17 @@ class Influence:
         eig_a = eigendecompose(activation, module=name, what="activation covariance")
         eig_e = eigendecompose(gradient, module=name, what="gradient covariance")
         damping = self._damping(name, activation, gradient)
+        if config.sketch_budget and config.sketch_dims == "auto" and config.damping == "auto":
+            damping = damping_for_budget(
+                eig_a[0],
+                eig_e[0],
+                budget=config.sketch_budget,
+                widths=(info.d_in, info.d_out),
+                floor=damping,
+                epsilon=config.epsilon,
+                constant=config.sizing_constant,
+            )
+            self.damping_override[name] = damping
         eff_a, eff_e = factor_effective_dims(eig_a[0], eig_e[0], damping)
 
         sides = []
@@ -608,6 +623,7 @@ class Influence:
                 "effective_dim_a": layer.effective_dim_a,
                 "effective_dim_e": layer.effective_dim_e,
                 "effective_dim": layer.effective_dim,
+                "damping_override": self.damping_override.get(name),
             }
         payload = {**self._signature(), "layers": meta, "target_examples": self.target_examples}
         tmp = Path(tempfile.mkdtemp(dir=directory, prefix=".tmp-"))
@@ -638,6 +654,9 @@ class Influence:
             )
         tensors = load_file(str(directory / STATE_FILE), device=str(self.device))
         self.layers, self.curvature = {}, {}
+        self.damping_override = {
+            n: m["damping_override"] for n, m in payload["layers"].items() if m.get("damping_override") is not None
+        }
         for name, meta in payload["layers"].items():
             self.layers[name] = LayerSketch(
                 self.tracked[name],

@@ -57,6 +57,42 @@ def _ratio(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.2f}"
 
 
+def damping_for_budget(
+    alpha: torch.Tensor,
+    gamma: torch.Tensor,
+    *,
+    budget: int,
+    widths: tuple[int, int],
+    floor: float,
+    epsilon: float,
+    constant: float,
+) -> float:
+    """The smallest λ ≥ ``floor`` at which the rule fits each side of the layer into ``budget`` rows.
+
+    λ and m are chosen together (ALGORITHMS.md §4): the effective dimensions fall as λ grows, so a bisection
+    in log λ finds where ceil(c · d / ε²) ≤ budget on both sides. A side no wider than the budget needs no
+    sketch and never constrains λ.
+    """
+
+    def fits(damping: float) -> bool:
+        effective = factor_effective_dims(alpha, gamma, damping)
+        for d, width in zip(effective, widths, strict=True):
+            if width > budget and math.ceil(constant * d / epsilon**2) > budget:
+                return False
+        return True
+
+    floor = max(floor, 1e-30)
+    if fits(floor):
+        return floor
+    low, high = floor, floor * 10
+    while not fits(high):
+        low, high = high, high * 10
+    for _ in range(40):
+        middle = math.sqrt(low * high)
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    return high
+
+
 @dataclass
 class SizingRow:
     module: str
