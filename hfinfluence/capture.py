@@ -174,6 +174,10 @@ class GradientCapture:
         def hook(module, inputs, output):
             if not torch.is_grad_enabled() or not output.requires_grad:
                 return
+            if torch._C._current_graph_task_id() != -1:
+                # Called during a backward pass: non-reentrant activation checkpointing re-running the forward.
+                # The first forward's output already carries the gradient hook; this re-run is not a new call.
+                return
             self.calls[info.name] = self.calls.get(info.name, 0) + 1
             if self.calls[info.name] > 1 and not self.allow_shared:
                 raise SharedModuleError(
