@@ -75,8 +75,8 @@ class InfluenceTrainingArguments(TrainingArguments):
     ``target_refresh_steps``, ``curvature_fit_examples``. Tracking: ``group_column``, ``table_log_steps``,
     ``table_rows``, ``log_target_loss``, ``score_baseline``, ``record_selections``. Engine: ``modules``,
     ``sketch``, ``sketch_dims``, ``epsilon``, ``sizing_constant``, ``damping``, ``damping_factor``,
-    ``curvature``, ``influence_seed`` (the engine's ``seed``; defaults to ``seed``), ``loss_reduction``,
-    ``factor_dtype``, ``exact_factor_limit``, ``allow_shared``.
+    ``sketch_budget``, ``curvature``, ``influence_seed`` (the engine's ``seed``; defaults to ``seed``),
+    ``loss_reduction``, ``factor_dtype``, ``exact_factor_limit``, ``allow_shared``.
 
     >>> args = InfluenceTrainingArguments("out", selection="filter", buffer_multiplier=4)  # doctest: +SKIP
     >>> args.keep_ratio  # defaults to 1 / buffer_multiplier                                   # doctest: +SKIP
@@ -130,7 +130,13 @@ class InfluenceTrainingArguments(TrainingArguments):
     damping_factor: float = _help(
         "Engine: multiple of the mean Kronecker eigenvalue used by damping='auto'.", default=0.1
     )
-    curvature: str = _help("Engine: 'kfac' or 'identity'.", default="kfac")
+    sketch_budget: int | None = _help(
+        "Engine: most rows per sketch side; a layer needing more gets a larger damping (λ and m chosen together).",
+        default=None,
+    )
+    curvature: str = _help(
+        "Engine: 'kfac', 'ekfac' (refreshed by a refit on the buffer) or 'identity'.", default="kfac"
+    )
     influence_seed: int | None = _help("Engine: sketch seed; defaults to `seed`.", default=None)
     loss_reduction: str = _help(
         "Engine and loss: per-example loss is the 'sum' or 'mean' of its token losses.", default="sum"
@@ -188,6 +194,7 @@ class InfluenceTrainingArguments(TrainingArguments):
             sizing_constant=self.sizing_constant,
             damping=_parse_damping(self.damping),
             damping_factor=self.damping_factor,
+            sketch_budget=self.sketch_budget,
             curvature=self.curvature,
             seed=self.seed if self.influence_seed is None else self.influence_seed,
             loss_reduction=self.loss_reduction,
@@ -490,7 +497,8 @@ class InfluenceTrainer(Trainer):
         retain = self.args.training_pass == "retained"
         forward = model if retain else self.accelerator.unwrap_model(model)
         mask = _attention_mask(inputs)
-        with self.engine.observe(mask, inputs["labels"], accumulate_curvature=True) as observation:
+        accumulate = self.args.curvature != "ekfac"
+        with self.engine.observe(mask, inputs["labels"], accumulate_curvature=accumulate) as observation:
             with self.compute_loss_context_manager():
                 logits = forward(**_model_inputs(inputs)).logits
             losses = per_example_loss(logits, inputs["labels"], reduction=self.args.loss_reduction)
@@ -588,9 +596,20 @@ class InfluenceTrainer(Trainer):
             return
         since = step - self.args.selection_warmup_steps
         if since % self.args.curvature_refresh_steps == 0:
-            self.engine.refresh_curvature()
+            self._refresh_curvature(inputs)
         if since % self.args.target_refresh_steps == 0:
             self._refresh_target()
+
+    def _refresh_curvature(self, inputs: dict) -> None:
+        """New curvature from the observed passes since the last refresh; EK-FAC refits on the current buffer.
+
+        EK-FAC's eigenvalue correction needs the new eigenbases first, so it cannot be accumulated from the
+        training passes: its refresh costs one extra forward+backward over the buffer.
+        """
+        if self.args.curvature == "ekfac":
+            self.engine.fit([_engine_batch(inputs)])
+        else:
+            self.engine.refresh_curvature()
 
     def _start_engine(self, model, inputs: dict) -> None:
         """Build the engine on the unwrapped model; restore it from a checkpoint or fit it and set the target."""
@@ -609,7 +628,7 @@ class InfluenceTrainer(Trainer):
     def _fit_batches(self, inputs: dict) -> list[dict]:
         """This process's share of the first fit: the current buffer, or ``curvature_fit_examples`` seeded rows."""
         if self.args.curvature_fit_examples == 0:
-            return [{k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "labels")}]
+            return [_engine_batch(inputs)]
         order = torch.randperm(len(self.train_dataset), generator=torch.Generator().manual_seed(self.args.seed))
         rows = order[: self.args.curvature_fit_examples].tolist()
         mine = rows[self.accelerator.process_index :: self.accelerator.num_processes] or rows[:1]
@@ -865,6 +884,10 @@ def _default_collator(processing_class) -> Callable:
 
 def _model_inputs(inputs: Mapping) -> dict:
     return {k: v for k, v in inputs.items() if k not in MODEL_INPUT_SKIP}
+
+
+def _engine_batch(inputs: Mapping) -> dict:
+    return {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "labels")}
 
 
 def _attention_mask(inputs: Mapping) -> torch.Tensor:

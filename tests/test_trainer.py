@@ -306,3 +306,25 @@ def test_bad_datasets_fail_before_training(tmp_path):
             model=tiny_model(), args=TrainingArguments(str(tmp_path)), train_dataset=pool, target_dataset=target
         )
     assert isinstance(make_args(tmp_path), InfluenceTrainingArguments)
+
+
+def test_arguments_mirror_every_engine_config_field(tmp_path):
+    """Every `InfluenceConfig` field is a training argument (the engine's `seed` is `influence_seed`)."""
+    import dataclasses
+
+    from hfinfluence import InfluenceConfig
+
+    names = {f.name for f in dataclasses.fields(InfluenceConfig)} - {"seed"}
+    args = make_args(tmp_path, sketch_dims="6,8", damping="0.01", influence_seed=7, curvature="identity")
+    assert names <= {f.name for f in dataclasses.fields(InfluenceTrainingArguments)}
+    config = args.influence_config()
+    assert (config.sketch_dims, config.damping, config.seed, config.curvature) == ((6, 8), 0.01, 7, "identity")
+    assert make_args(tmp_path, seed=3).influence_config().seed == 3
+
+
+@pytest.mark.parametrize("curvature", ["ekfac", "identity"])
+def test_other_curvatures_refresh_during_training(tmp_path, curvature):
+    trainer = make_trainer(tmp_path, curvature=curvature, max_steps=5, curvature_refresh_steps=2)
+    trainer.train()
+    assert len(logged(trainer, "influence/score_mean")) == 5
+    assert all(math.isfinite(v) for v in logged(trainer, "influence/score_mean"))
