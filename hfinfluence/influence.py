@@ -41,6 +41,7 @@ from .curvature import (
     rotated_squares,
 )
 from .errors import ConfigMismatchError, EmptyInputError, NotFittedError
+from .leakage import LEAKAGE_WARNING, LeakageReport, gradient_energy, kernel_energy, kernel_parts, null_basis
 from .logs import get_logger
 from .losses import labelled_examples, per_example_loss
 from .sizing import (
@@ -71,6 +72,10 @@ class LayerSketch:
     effective_dim_a: float = float("nan")
     effective_dim_e: float = float("nan")
     effective_dim: float = float("nan")
+    pilot_a: torch.Tensor | None = None
+    pilot_e: torch.Tensor | None = None
+    null_a: torch.Tensor | None = None
+    null_e: torch.Tensor | None = None
 
 
 @dataclass
@@ -123,6 +128,7 @@ class Influence:
         self.target: dict[str, torch.Tensor] | None = None
         self.target_gradient: dict[str, torch.Tensor] | None = None
         self.target_examples = 0
+        self.leakage_report: LeakageReport | None = None
         self.pending: dict[str, FactorSums] = {}
         self.damping_override: dict[str, float] = {}  # per-layer λ chosen with the sketch size (sketch_budget)
 
@@ -338,7 +344,18 @@ class Influence:
 
         (sketch_a, m_a, activation, known_a), (sketch_e, m_e, gradient, known_e) = sides
         self.layers[name] = LayerSketch(
-            info, sketch_a, sketch_e, m_a, m_e, eff_a, eff_e, kronecker_effective_dim(eig_a[0], eig_e[0], damping)
+            info,
+            sketch_a,
+            sketch_e,
+            m_a,
+            m_e,
+            eff_a,
+            eff_e,
+            kronecker_effective_dim(eig_a[0], eig_e[0], damping),
+            pilot_a=bases[0],
+            pilot_e=bases[1],
+            null_a=null_basis(*eig_a),
+            null_e=null_basis(*eig_e),
         )
         return self._decompose(name, activation, gradient, known=(known_a, known_e))
 
@@ -418,19 +435,58 @@ class Influence:
             for name, lay in self.layers.items()
         }
 
+        kernel = {name: [None, None, None] for name in self.layers}
+        energies: list[torch.Tensor] = []
+
         def accumulate(info, a, e):
-            pa, pe = self._sketch(self.layers[info.name], a, e)
+            layer = self.layers[info.name]
+            pa, pe = self._sketch(layer, a, e)
             sums[info.name] += torch.einsum("bte,bta->ea", pe, pa)
+            self._accumulate_kernel(layer, a, e, kernel[info.name], energies)
 
         examples = torch.zeros((), dtype=self.dtype, device=self.device)
         for batch in self._batches(batches, "target batches", "target gradient"):
+            energies.append(torch.zeros(2, batch["input_ids"].shape[0], dtype=self.dtype, device=self.device))
             inputs, _ = self._run(batch, accumulate)
+            energies[-1] = energies[-1][:, inputs["valid"]]
             examples += inputs["valid"].sum()
         _all_reduce([*sums.values(), examples])
         self.target_examples = int(examples)
         self.target_gradient = {name: s / examples for name, s in sums.items()}
+        self.leakage_report = self._leakage_report(kernel, examples, torch.cat(energies, dim=1))
         self._precondition_target()
         return self
+
+    def _accumulate_kernel(self, layer: LayerSketch, a, e, kernel_sums: list, energies: list) -> None:
+        """Add one pass's null-space products (summed over examples) and per-example energies [2, batch]."""
+        a, e = _project(a.to(self.dtype), layer.pilot_a), _project(e.to(self.dtype), layer.pilot_e)
+        parts = kernel_parts(a, e, layer.null_a, layer.null_e)
+        for index, part in enumerate(parts):
+            if part is not None:
+                total = part.sum(dim=0)
+                kernel_sums[index] = total if kernel_sums[index] is None else kernel_sums[index] + total
+        energies[-1][0] += kernel_energy(parts) if any(p is not None for p in parts) else 0.0
+        energies[-1][1] += gradient_energy(a, e)
+
+    def _leakage_report(self, kernel: dict, examples: torch.Tensor, energies: torch.Tensor) -> LeakageReport:
+        """Kernel fractions of the mean target gradient; the norm of the mean comes from its sketch."""
+        layers, outside, inside = {}, 0.0, 0.0
+        for name, parts in kernel.items():
+            parts = [None if p is None else p.clone() for p in parts]
+            _all_reduce([p for p in parts if p is not None])
+            energy = kernel_energy([None if p is None else p / examples for p in parts])
+            total = float((self.target_gradient[name] ** 2).sum())
+            energy = min(float(energy), total)
+            layers[name] = (energy / total) ** 0.5 if total > 0 else 0.0
+            outside, inside = outside + energy, inside + total
+        per_example = (energies[0].clamp(min=0) / energies[1].clamp(min=1e-300)).clamp(max=1).sqrt()
+        report = LeakageReport(layers, (outside / inside) ** 0.5 if inside > 0 else 0.0, per_example.cpu())
+        if report.total > LEAKAGE_WARNING:
+            logger.warning(
+                f"{report}. Sketched scores pick up noise from this part: raise `damping` or the sketch size, or "
+                "fit the curvature on data that covers the target's inputs (e.g. add target-like rows to `fit`)."
+            )
+        return report
 
     def _precondition_target(self) -> None:
         self.target = {}
@@ -588,6 +644,7 @@ class Influence:
                     curv.damping,
                     sat_a,
                     sat_e,
+                    self.leakage_report.layers.get(name, float("nan")) if self.leakage_report else float("nan"),
                 )
             )
         return table
@@ -610,7 +667,8 @@ class Influence:
             curv = self.curvature[name]
             tensors[f"{name}::activation_covariance"] = curv.activation_covariance
             tensors[f"{name}::gradient_covariance"] = curv.gradient_covariance
-            for key, value in (("sketch_a", layer.sketch_a), ("sketch_e", layer.sketch_e)):
+            optional = ("sketch_a", "sketch_e", "pilot_a", "pilot_e", "null_a", "null_e")
+            for key, value in ((k, getattr(layer, k)) for k in optional):
                 if value is not None:
                     tensors[f"{name}::{key}"] = value
             if curv.corrected is not None:
@@ -658,15 +716,20 @@ class Influence:
             n: m["damping_override"] for n, m in payload["layers"].items() if m.get("damping_override") is not None
         }
         for name, meta in payload["layers"].items():
+            stored = {
+                k: tensors.get(f"{name}::{k}")
+                for k in ("sketch_a", "sketch_e", "pilot_a", "pilot_e", "null_a", "null_e")
+            }
             self.layers[name] = LayerSketch(
                 self.tracked[name],
-                tensors.get(f"{name}::sketch_a"),
-                tensors.get(f"{name}::sketch_e"),
+                stored.pop("sketch_a"),
+                stored.pop("sketch_e"),
                 meta["sketch_dim_a"],
                 meta["sketch_dim_e"],
                 meta["effective_dim_a"],
                 meta["effective_dim_e"],
                 meta["effective_dim"],
+                **stored,
             )
             self.curvature[name] = self._decompose(
                 name, tensors[f"{name}::activation_covariance"], tensors[f"{name}::gradient_covariance"]

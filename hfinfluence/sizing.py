@@ -106,6 +106,7 @@ class SizingRow:
     damping: float
     saturation_a: float
     saturation_e: float
+    leakage: float = float("nan")
 
 
 class SizingTable(list):
@@ -123,6 +124,7 @@ class SizingTable(list):
         "damping",
         "sat_A",
         "sat_E",
+        "leak",
     )
 
     def _cells(self, row: SizingRow) -> list[str]:
@@ -138,6 +140,7 @@ class SizingTable(list):
             f"{row.damping:.3g}",
             _ratio(row.saturation_a),
             _ratio(row.saturation_e),
+            _ratio(row.leakage),
         ]
 
     def totals(self) -> dict:
