@@ -44,6 +44,7 @@ from .errors import ConfigMismatchError, EmptyInputError, NotFittedError
 from .leakage import LEAKAGE_WARNING, LeakageReport, gradient_energy, kernel_energy, kernel_parts, null_basis
 from .logs import get_logger
 from .losses import labelled_examples, per_example_loss
+from .memory import MemoryPlan, plan_memory
 from .sizing import (
     SizingRow,
     SizingTable,
@@ -648,6 +649,33 @@ class Influence:
                 )
             )
         return table
+
+    def memory_plan(self, *, batch_size: int = 8, tokens: int = 512, queries: int = 0) -> MemoryPlan:
+        """Bytes each stage needs for batches of ``batch_size`` × ``tokens`` and ``queries`` pairwise queries.
+
+        Works before `fit`: fixed ``sketch_dims`` are exact then, ``"auto"`` sizes are bounded by the layer widths.
+        """
+        widths = [(i.d_in, i.d_out) for i in self.tracked.values()]
+        limit = self.config.exact_factor_limit if self.config.sketch != "none" else None
+        pilots = [tuple(w if limit is None else min(w, limit) for w in pair) for pair in widths]
+        if self.layers:
+            dims = [(lay.sketch_dim_a, lay.sketch_dim_e) for lay in self.layers.values()]
+        elif self.config.sketch == "none" or self.config.sketch_dims == "auto":
+            dims = pilots
+        else:
+            dims = [(min(self.config.sketch_dims[0], a), min(self.config.sketch_dims[1], e)) for a, e in widths]
+        factor_bytes = torch.finfo(self.dtype).bits // 8
+        known = bool(self.layers) or self.config.sketch_dims != "auto" or self.config.sketch == "none"
+        return plan_memory(
+            widths,
+            dims,
+            pilots,
+            batch_size=batch_size,
+            tokens=tokens,
+            queries=queries,
+            factor_bytes=factor_bytes,
+            sizes_known=known,
+        )
 
     # ------------------------------------------------------------------ persistence
 
