@@ -48,9 +48,6 @@ def plan_memory(
     first = sum(a * a + e * e for a, e in pilot_widths) * factor_bytes
     squares = sum(a * a + e * e for a, e in sketch_dims)
     bases = squares * (8 + factor_bytes) + sum(a * e for a, e in sketch_dims) * 8  # eigvecs, factors, scale
-        sum(2 * (a * a + e * e) for a, e in sketch_dims) * 8
-        + sum(a * a + e * e for a, e in sketch_dims) * factor_bytes
-    )
     batch = max(batch_size * tokens * (a + e + da + de) for (a, e), (da, de) in zip(sketch_dims, widths, strict=True))
     per_example = sum(a * e for a, e in sketch_dims) * (queries + batch_size) * factor_bytes
     return MemoryPlan(
