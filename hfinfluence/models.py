@@ -144,6 +144,10 @@ def load_model_and_tokenizer(
             raise
         raise SourceNotFoundError(_hub_failure_message(folder_or_id, offline=hub_offline())) from e
 
+    if gguf_file and getattr(model, "hf_quantizer", None) is not None:
+        # GGUF weights are dequantised to plain float tensors on load; without the quantizer's marks the model
+        # trains like any float model (the Trainer refuses "purely quantized" models otherwise).
+        model.hf_quantizer.remove_quantization_config(model)
     _ensure_pad_token(tokenizer, model)
     tokenizer.padding_side = padding_side
     if device is not None:

@@ -189,6 +189,7 @@ def test_bundled_smollm2_gives_finite_logits_on_a_pool_row():
         out = model(**batch)
 
     assert model.config.num_hidden_layers == 30 and model.config.tie_word_embeddings
+    assert not model.is_quantized and getattr(model.config, "quantization_config", None) is None  # float weights
     assert tokenizer.pad_token is not None and tokenizer.padding_side == "right"
     assert out.logits.shape == (*batch["input_ids"].shape, model.config.vocab_size)
     assert torch.isfinite(out.logits).all() and torch.isfinite(out.loss)
