@@ -13,6 +13,8 @@ from .errors import (
     UnsupportedModuleError,
 )
 from .influence import Influence
+from .leakage import LeakageReport
+from .memory import MemoryPlan
 from .sizing import SizingTable
 
 __all__ = [
@@ -22,6 +24,8 @@ __all__ = [
     "Influence",
     "InfluenceConfig",
     "InfluenceError",
+    "LeakageReport",
+    "MemoryPlan",
     "NoTrackableModuleError",
     "NonFiniteError",
     "NotFittedError",
