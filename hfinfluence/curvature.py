@@ -60,9 +60,13 @@ class FactorSums:
                 dist.all_reduce(tensor)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The normalised (activation_covariance, gradient_covariance)."""
-        tokens, examples = self.tokens.clamp(min=1), self.examples.clamp(min=1)
-        return self.activation_sum / tokens, self.gradient_sum / examples
+        """The normalised (activation_covariance, gradient_covariance), divided in place to spare memory.
+
+        Call once, after the last `add` (and `all_reduce_`): the sums become the factors.
+        """
+        self.activation_sum /= self.tokens.clamp(min=1)
+        self.gradient_sum /= self.examples.clamp(min=1)
+        return self.activation_sum, self.gradient_sum
 
 
 def check_finite(tensor: torch.Tensor, *, what: str, module: str) -> None:
@@ -75,13 +79,17 @@ def check_finite(tensor: torch.Tensor, *, what: str, module: str) -> None:
         )
 
 
-def eigendecompose(factor: torch.Tensor, *, module: str, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric eigendecomposition in float64; returns (eigenvalues ≥ 0 [m], eigenvectors [m, m])."""
+def eigendecompose(
+    factor: torch.Tensor, *, module: str, what: str, dtype: torch.dtype = torch.float64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric eigendecomposition computed in float64; returns (eigenvalues ≥ 0 [m] in float64,
+    eigenvectors [m, m] stored in ``dtype``)."""
     check_finite(factor, what=what, module=module)
     sym = factor.to(torch.float64)
     sym = (sym + sym.T) / 2
     values, vectors = torch.linalg.eigh(sym)
-    return values.clamp(min=0), vectors
+    del sym
+    return values.clamp(min=0), vectors.to(dtype)
 
 
 def eigenvalues(factor: torch.Tensor, *, module: str, what: str) -> torch.Tensor:

@@ -225,7 +225,8 @@ class Influence:
             for name, s in sums.items():
                 s.add_counts(tokens * max(calls.get(name, 0), 1), examples)
 
-        for name, s in sums.items():
+        for name in list(sums):
+            s = sums.pop(name)  # free each layer's sums as soon as it is decomposed
             s.all_reduce_()
             activation, gradient = s.factors()
             if first:
@@ -264,7 +265,7 @@ class Influence:
         damping = self.config.damping
         if damping == "auto":  # the mean eigenvalue in full space: the corrected entries sum to tr(F)
             damping = self.config.damping_factor * float(corrected.sum()) / (info.d_in * info.d_out)
-        scale = inverse_eigenvalues(corrected.to(torch.float64), damping)
+        scale = inverse_eigenvalues(corrected.to(torch.float64), damping).to(self.dtype)
         return dataclasses.replace(curv, damping=damping, scale=scale, corrected=corrected)
 
     def _sizing_bases(self) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
@@ -307,8 +308,8 @@ class Influence:
     def _resolve_layer(self, info: TrackedModule, activation, gradient, bases) -> LayerCurvature:
         """Choose (m_A, m_E) for one layer, build its sketches, and decompose the factors in sketched space."""
         name, config = info.name, self.config
-        eig_a = eigendecompose(activation, module=name, what="activation covariance")
-        eig_e = eigendecompose(gradient, module=name, what="gradient covariance")
+        eig_a = eigendecompose(activation, module=name, what="activation covariance", dtype=self.dtype)
+        eig_e = eigendecompose(gradient, module=name, what="gradient covariance", dtype=self.dtype)
         damping = self._damping(name, activation, gradient)
         if config.sketch_budget and config.sketch_dims == "auto" and config.damping == "auto":
             damping = damping_for_budget(
@@ -369,9 +370,11 @@ class Influence:
             eye_e = torch.eye(m_e, dtype=torch.float64, device=activation.device)
             ones = torch.ones(m_e, m_a, dtype=torch.float64, device=activation.device)
             return LayerCurvature(activation, gradient, damping, ones[0], eye_a, ones[:, 0], eye_e, ones)
-        alpha, u_a = known[0] or eigendecompose(activation, module=name, what="activation covariance")
-        gamma, u_e = known[1] or eigendecompose(gradient, module=name, what="gradient covariance")
-        scale = inverse_scale(alpha, gamma, damping)
+        alpha, u_a = known[0] or eigendecompose(
+            activation, module=name, what="activation covariance", dtype=self.dtype
+        )
+        gamma, u_e = known[1] or eigendecompose(gradient, module=name, what="gradient covariance", dtype=self.dtype)
+        scale = inverse_scale(alpha, gamma, damping).to(self.dtype)
         return LayerCurvature(activation, gradient, damping, alpha, u_a, gamma, u_e, scale)
 
     def _require_curvature(self) -> None:

@@ -20,7 +20,7 @@ class MemoryPlan:
     def rows(self) -> list[tuple[str, int, str]]:
         return [
             ("first fit: exact (or pilot) factors", self.first_fit_factors, "A and E per layer, during the first fit"),
-            ("eigenbases + sketched factors", self.eigenbases, "kept for scoring (float64 bases)"),
+            ("eigenbases + sketched factors", self.eigenbases, "kept for scoring"),
             ("one batch's sketched tokens", self.batch_sketches, "transient, per forward+backward"),
             ("per-example sketched gradients", self.per_example_gradients, "pairwise: queries held + one train batch"),
             ("score block", self.score_block, "pairwise output for one train batch"),
@@ -47,7 +47,7 @@ def plan_memory(
     """Estimate a `MemoryPlan` for layers with ``widths`` (d_in, d_out), sketch sizes and first-fit widths."""
     first = sum(a * a + e * e for a, e in pilot_widths) * factor_bytes
     squares = sum(a * a + e * e for a, e in sketch_dims)
-    bases = squares * (8 + factor_bytes) + sum(a * e for a, e in sketch_dims) * 8  # eigvecs, factors, scale
+    bases = (2 * squares + sum(a * e for a, e in sketch_dims)) * factor_bytes  # eigvecs, factors, scale
     batch = max(batch_size * tokens * (a + e + da + de) for (a, e), (da, de) in zip(sketch_dims, widths, strict=True))
     per_example = sum(a * e for a, e in sketch_dims) * (queries + batch_size) * factor_bytes
     return MemoryPlan(
