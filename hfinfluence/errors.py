@@ -50,3 +50,11 @@ class MissingColumnError(DataFormatError):
 
     A `ValueError` rather than a `KeyError`, so the message prints as written.
     """
+
+
+class OutputFolderError(InfluenceError, FileExistsError):
+    """An output folder cannot be used: it is foreign, overlaps an input, or another run is writing to it."""
+
+
+class PushToHubError(InfluenceError, ConnectionError):
+    """Uploading results to the Hugging Face Hub cannot start (offline, no login) or failed."""
