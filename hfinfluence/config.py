@@ -34,8 +34,9 @@ class InfluenceConfig:
             eigenvalue of A ⊗ E, per layer. A float is used as is for every layer (0 allowed).
         damping_factor: multiplier of the mean eigenvalue used by ``damping="auto"``.
         sketch_budget: with ``sketch_dims="auto"`` and ``damping="auto"``, the most rows a sketch side may
-            have: a layer whose rule asks for more gets the smallest larger λ at which the rule fits
-            (λ and m chosen together). ``None`` keeps λ at the ``damping_factor`` default.
+            have (default 64): a layer whose rule asks for more gets the smallest larger λ at which the rule
+            fits (λ and m chosen together). ``None`` keeps every λ at the ``damping_factor`` default, which
+            for most LM layers leaves them unsketched.
         curvature: ``"kfac"`` (empirical Fisher, Kronecker-factored), ``"ekfac"`` (K-FAC eigenbases with
             eigenvalues refitted per entry, one more pass over the fit data) or ``"identity"`` (gradient dot
             product).
@@ -55,7 +56,7 @@ class InfluenceConfig:
     sizing_constant: float = 2.0
     damping: Any = "auto"
     damping_factor: float = 0.1
-    sketch_budget: int | None = None
+    sketch_budget: int | None = 64
     curvature: str = "kfac"
     seed: int = 0
     loss_reduction: str = "sum"

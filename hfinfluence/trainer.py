@@ -132,7 +132,7 @@ class InfluenceTrainingArguments(TrainingArguments):
     )
     sketch_budget: int | None = _help(
         "Engine: most rows per sketch side; a layer needing more gets a larger damping (λ and m chosen together).",
-        default=None,
+        default=InfluenceConfig.sketch_budget,
     )
     curvature: str = _help(
         "Engine: 'kfac', 'ekfac' (refreshed by a refit on the buffer) or 'identity'.", default="kfac"
@@ -630,24 +630,28 @@ class InfluenceTrainer(Trainer):
         if self.args.curvature_fit_examples == 0:
             return [_engine_batch(inputs)]
         order = torch.randperm(len(self.train_dataset), generator=torch.Generator().manual_seed(self.args.seed))
-        rows = order[: self.args.curvature_fit_examples].tolist()
-        mine = rows[self.accelerator.process_index :: self.accelerator.num_processes] or rows[:1]
-        return self._collate(self.train_dataset, mine)
+        return self._collate_share(self.train_dataset, order[: self.args.curvature_fit_examples].tolist())
 
-    def _collate(self, dataset, rows: list[int]) -> list[dict]:
+    def _collate_share(self, dataset, rows: list[int]) -> list[dict]:
+        """This process's rows (p, p + P, p + 2P, ... of ``rows`` for process p of P), collated in batches.
+
+        Every process gets the same number of batches of at most ``buffer_size`` rows, so that sharded models
+        (FSDP) run the same number of forward passes on every process.
+        """
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        mine = torch.tensor(rows[rank::world], dtype=torch.long)
+        count = max(1, math.ceil(math.ceil(len(rows) / world) / self.buffer_size))
         batches = []
-        for start in range(0, len(rows), self.buffer_size):
-            features = [dataset[i] for i in rows[start : start + self.buffer_size]]
-            batch = self.data_collator(features)
-            batches.append({k: v for k, v in batch.items() if k not in EXTRA_COLUMNS})
+        for chunk in mine.tensor_split(count):
+            if chunk.numel():
+                batch = self.data_collator([dataset[i] for i in chunk.tolist()])
+                batches.append({k: v for k, v in batch.items() if k not in EXTRA_COLUMNS})
         return batches
 
     def target_batches(self) -> list[dict]:
-        """This process's share of the target set, collated (rows p, p + P, p + 2P, ... for process p of P)."""
+        """This process's share of the target set, collated (see `_collate_share`)."""
         if self._target_batches is None:
-            rank, world = self.accelerator.process_index, self.accelerator.num_processes
-            rows = list(range(rank, len(self.target_dataset), world))
-            self._target_batches = self._collate(self.target_dataset, rows)
+            self._target_batches = self._collate_share(self.target_dataset, list(range(len(self.target_dataset))))
         return self._target_batches
 
     def _refresh_target(self) -> None:

@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=5)
     parser.add_argument("--sketch", default="gaussian")
     parser.add_argument("--epsilon", type=float, default=InfluenceConfig.epsilon)
+    parser.add_argument("--sketch-budget", type=int, default=InfluenceConfig.sketch_budget)
     args = parser.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -49,7 +50,8 @@ def main() -> None:
     targets = batches_of(target, tokenizer, max_length=args.max_length, batch_size=args.batch_size)
     loaded = time.perf_counter()
 
-    engine = Influence(model, InfluenceConfig(sketch=args.sketch, epsilon=args.epsilon))
+    config = InfluenceConfig(sketch=args.sketch, epsilon=args.epsilon, sketch_budget=args.sketch_budget)
+    engine = Influence(model, config)
     engine.fit(candidates)
     fitted = time.perf_counter()
     engine.set_target(targets)
@@ -57,6 +59,8 @@ def main() -> None:
     scored = time.perf_counter()
 
     print(engine.sizing())
+    print(engine.leakage_report)
+    print(engine.memory_plan(batch_size=args.batch_size, tokens=args.max_length))
     print(f"\ntop {args.top} of {len(scores)} candidates for {os.path.basename(args.target)}:")
     for rank, index in enumerate(scores.argsort(descending=True)[: args.top].tolist(), start=1):
         row = pool[index]
