@@ -44,6 +44,15 @@ def _damping(value: str):
         raise argparse.ArgumentTypeError(f"expected 'auto' or a number >= 0; got {value!r}") from e
 
 
+def _optional_int(value: str):
+    if value == "none":
+        return None
+    try:
+        return int(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none'; got {value!r}") from e
+
+
 def _fit_rows(value: str):
     if value == "all":
         return None
@@ -87,7 +96,12 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--modules", nargs="+", default=None, help="fnmatch patterns of layers (default: decoder)")
     group.add_argument("--sketch", default=defaults.sketch, choices=["gaussian", "rademacher", "countsketch", "none"])
     group.add_argument("--sketch-dims", type=_sketch_dims, default="auto", help="'auto', M, or M_A,M_E")
-    group.add_argument("--sketch-budget", type=int, default=None, help="most sketch rows per side (λ rises to fit)")
+    group.add_argument(
+        "--sketch-budget",
+        type=_optional_int,
+        default=defaults.sketch_budget,
+        help=f"most sketch rows per side, λ rising per layer to fit ({defaults.sketch_budget}; 'none': no limit)",
+    )
     group.add_argument("--epsilon", type=float, default=defaults.epsilon, help="target accuracy of the sizing rule")
     group.add_argument("--damping", type=_damping, default="auto", help="'auto' (0.1 × mean eigenvalue) or λ")
     group.add_argument("--curvature", default=defaults.curvature, choices=["kfac", "ekfac", "identity"])

@@ -555,6 +555,7 @@ def prepare_engine(job: FilterJob, context: RunContext, candidates, target) -> I
     started = time.perf_counter()
     formatted = format_rows(context.formatter, target[:] if isinstance(target, Dataset) else _all_rows(target))
     context.info["target"] = counts_of(formatted)
+    warn_read_counts("target", context.info["target"], job.read)
     usable = [i for i, n in enumerate(formatted["num_loss_tokens"]) if n > 0]
     if not usable:
         raise EmptyInputError(
@@ -575,6 +576,7 @@ def fit_engine(engine: Influence, job: FilterJob, context: RunContext, candidate
     raw = take_fit_rows(candidates, job.fit_rows, job.influence.seed)
     formatted = format_rows(context.formatter, raw)
     context.info["fit"] = counts_of(formatted)
+    warn_read_counts("fit", context.info["fit"], job.read)
     usable = [i for i, n in enumerate(formatted["num_loss_tokens"]) if n > 0]
     if not usable:
         raise EmptyInputError(
@@ -598,6 +600,21 @@ def counts_of(formatted: dict) -> dict:
     counts = ReadCounts()
     counts.add(formatted)
     return asdict(counts)
+
+
+def warn_read_counts(role: str, counts: dict, read: ReadSpec) -> None:
+    """Say how many rows of an input were truncated or lost every labelled token (both are in the report too)."""
+    if counts["truncated"]:
+        logger.warning(
+            f"{counts['truncated']} of {counts['rows']} {role} rows are longer than `--max-length` {read.max_length} "
+            f"and were truncated ({read.side} side); raise `--max-length` to keep them whole."
+        )
+    if counts["no_loss"]:
+        logger.warning(
+            f"{counts['no_loss']} of {counts['rows']} {role} rows have no labelled token within `--max-length` "
+            f"{read.max_length}: they are left out (candidates: not scored, never kept). Raise `--max-length` or "
+            "use `--truncation-side left` to keep completions."
+        )
 
 
 def leakage_summary(engine: Influence) -> dict | None:
@@ -1032,6 +1049,12 @@ def finish(job: FilterJob, context: RunContext, candidates, folder: RunFolder, m
     summary = RunSummary(folder.path, len(scores), int((~np.isnan(scores)).sum()), None, 0, files, context.times, [])
     if not context.state.is_main_process:
         return summary
+
+    truncated = table.column("truncated").to_numpy(zero_copy_only=False)
+    counts = {"rows": len(scores), "truncated": int(truncated.sum()), "no_loss": int(np.isnan(scores).sum())}
+    warn_read_counts("candidate", counts, job.read)
+    info = manifest.setdefault("info", {})
+    info["notes"] = list(dict.fromkeys([*info.get("notes", []), *context.notes]))
 
     started = time.perf_counter()
     ranks = table.column("rank").fill_null(0).to_numpy()
