@@ -19,6 +19,25 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The demo: the fine-tuning recipe on the bundled SmolLM2-135M and the shipped GSM8K + P3 pool, filtered
+# against a GSM8K target, W&B offline (runs/finetune_demo/wandb). Two CPU processes through mpirun when
+# it exists (Debian: openmpi-bin), otherwise one process with the same global buffer.
+DEMO_CONFIG ?= recipes/configs/finetune_demo.yaml
+DEMO_ENV := HF_HUB_OFFLINE=1 WANDB_MODE=offline WANDB_SILENT=true WANDB_DIR=runs/finetune_demo \
+	OMP_NUM_THREADS=1 HFINFLUENCE_PROGRESS=0 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+
+demo: install
+	@mkdir -p runs/finetune_demo
+	@if command -v mpirun >/dev/null 2>&1; then \
+		$(DEMO_ENV) $(VENV)/bin/accelerate launch --config_file accelerate_configs/cpu.yaml \
+			recipes/finetune.py --config $(DEMO_CONFIG); \
+	else \
+		echo "mpirun not found (Debian: apt-get install openmpi-bin): running the demo in one process"; \
+		$(DEMO_ENV) $(VENV)/bin/accelerate launch --cpu --num_processes 1 --num_machines 1 \
+			--mixed_precision no --dynamo_backend no \
+			recipes/finetune.py --config $(DEMO_CONFIG) --per_device_train_batch_size 2; \
+	fi
+
 test: install
 	$(PY) -m pytest -q
 
