@@ -122,6 +122,12 @@ def _add_output_arguments(parser: argparse.ArgumentParser, *, select: bool) -> N
     group = parser.add_argument_group("output")
     group.add_argument("--output", required=True, help="run folder (new, empty, or a previous run of this command)")
     group.add_argument("--overwrite", action="store_true", help="replace a previous run with other settings")
+    group.add_argument(
+        "--curvature-cache",
+        default=None,
+        metavar="DIR",
+        help="reuse fitted curvatures from DIR (keyed by model, data and engine settings); new fits are saved there",
+    )
     group.add_argument("--id-field", default=None, help="column copied into scores.parquet as `id`")
     group.add_argument("--group-field", default=None, help="column to count kept rows by (e.g. source)")
     group.add_argument("--shard-size", type=int, default=256, help="rows per score shard (the unit of resuming)")
@@ -221,6 +227,7 @@ def build_job(args: argparse.Namespace, argv: list[str]):
         push_to_hub=getattr(args, "push_to_hub", None),
         private=not getattr(args, "public", False),
         overwrite=args.overwrite,
+        curvature_cache=args.curvature_cache,
         report_to=args.report_to,
         argv=argv,
     )
@@ -264,12 +271,15 @@ def run_size(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _process_index() -> int:
-    try:
-        from accelerate import PartialState
+    """This process's rank: from torch.distributed once joined, else from the launcher's environment."""
+    import torch.distributed as dist
 
-        return PartialState().process_index
-    except (ImportError, RuntimeError, ValueError):
-        return int(os.environ.get("RANK", "0"))
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    for name in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        if name in os.environ:
+            return int(os.environ[name])
+    return 0
 
 
 def _console_logging(quiet: bool) -> logging.Handler:

@@ -48,6 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from accelerate import PartialState
+from accelerate.utils import get_int_from_env, parse_flag_from_env
 from datasets import Dataset, IterableDataset
 from tqdm.auto import tqdm
 
@@ -76,6 +77,7 @@ OUTPUT_FORMATS = {"parquet": "kept.parquet", "jsonl": "kept.jsonl", "arrow": "ke
 SCORE_COLUMNS = ("influence_score", "influence_rank")
 MODES = ("top_k", "boltzmann")
 MANIFEST_VERSION = 1
+STATE_CONFIG, FIT_INFO = "influence_config.json", "fit_info.json"
 
 
 # ---------------------------------------------------------------------------------------------- settings
@@ -179,8 +181,9 @@ class FilterJob:
     Settings that change scores (model, data, reading, engine config, fit rows, shard size) are the
     manifest's ``scoring`` part; a rerun that changes them is refused unless ``overwrite``, which then
     starts over. Settings that only change the outputs (selection, format, id/group columns) are its
-    ``outputs`` part: with ``overwrite`` the existing scores are reused. ``batch_size`` and the number of
-    processes change neither (scores do not depend on them), so a resumed run may use other values.
+    ``outputs`` part: with ``overwrite`` the existing scores are reused. ``batch_size``, the number of
+    processes and ``curvature_cache`` (a folder of fitted curvatures keyed by the settings they depend on,
+    shared by runs against different targets) change neither, so a resumed run may use other values.
     """
 
     command: str
@@ -202,6 +205,7 @@ class FilterJob:
     push_to_hub: str | None = None
     private: bool = True
     overwrite: bool = False
+    curvature_cache: str | None = None
     report_to: str = "none"
     argv: list[str] = field(default_factory=list)
 
@@ -541,18 +545,53 @@ class ReadCounts:
 
 
 def prepare_engine(job: FilterJob, context: RunContext, candidates, target) -> Influence:
-    """Fit the curvature and set the target, or load both from ``state/`` when a previous run saved them."""
+    """Fit the curvature (or load it from the cache) and set the target; or load both from this run's ``state/``."""
     engine = Influence(context.model, job.influence)
-    state_dir = job.output / STATE_DIR if job.output else None
-    if state_dir is not None and (state_dir / "influence_config.json").is_file():
+    state_dir = job.output / STATE_DIR
+    if (state_dir / STATE_CONFIG).is_file():
         engine.load(state_dir)
         logger.info(f"Loaded the fitted curvature and target from {state_dir}.")
         return engine
 
     started = time.perf_counter()
-    fit_engine(engine, job, context, candidates)
+    fitted_curvature(engine, job, context, candidates)
     context.times["fit"] = time.perf_counter() - started
     started = time.perf_counter()
+    set_target(engine, job, context, target)
+    context.times["target"] = time.perf_counter() - started
+    context.info["leakage"] = leakage_summary(engine)
+    if context.state.is_main_process:
+        engine.save(state_dir)
+    context.state.wait_for_everyone()
+    return engine
+
+
+def curvature_key(job: FilterJob) -> str:
+    """Hash of every setting the fitted curvature depends on (not the target, not the selection)."""
+    settings = job.scoring_settings()
+    fit = {k: settings[k] for k in ("model", "model_dtype", "candidates", "read", "influence", "fit_rows")}
+    return hashlib.sha256(json.dumps(fit, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def fitted_curvature(engine: Influence, job: FilterJob, context: RunContext, candidates) -> None:
+    """Fit the engine, or load the fit from ``job.curvature_cache`` when one with the same settings is there.
+
+    A fresh fit is saved to the cache (main process), so runs against other targets skip it.
+    """
+    folder = Path(job.curvature_cache).expanduser() / curvature_key(job) if job.curvature_cache else None
+    if folder is not None and (folder / STATE_CONFIG).is_file():
+        engine.load(folder)
+        context.info["fit"] = json.loads((folder / FIT_INFO).read_text())
+        logger.info(f"Loaded the fitted curvature from the cache {folder}.")
+        return
+    fit_engine(engine, job, context, candidates)
+    if folder is not None and context.state.is_main_process:
+        engine.save(folder)
+        atomic_write_text(folder / FIT_INFO, json.dumps(context.info["fit"]))
+    context.state.wait_for_everyone()
+
+
+def set_target(engine: Influence, job: FilterJob, context: RunContext, target) -> None:
     formatted = format_rows(context.formatter, target[:] if isinstance(target, Dataset) else _all_rows(target))
     context.info["target"] = counts_of(formatted)
     warn_read_counts("target", context.info["target"], job.read)
@@ -564,12 +603,6 @@ def prepare_engine(job: FilterJob, context: RunContext, candidates, target) -> I
         )
     mine = [usable[i] for i in local_share(len(usable), context.state)]
     engine.set_target(batch for _, batch in model_batches(formatted, mine, context.collator, job.batch_size))
-    context.times["target"] = time.perf_counter() - started
-    context.info["leakage"] = leakage_summary(engine)
-    if context.state.is_main_process:
-        engine.save(state_dir)
-    context.state.wait_for_everyone()
-    return engine
 
 
 def fit_engine(engine: Influence, job: FilterJob, context: RunContext, candidates) -> None:
@@ -931,6 +964,31 @@ def load_model(job: FilterJob, context: RunContext) -> None:
     context.times["load model"] = time.perf_counter() - started
 
 
+def process_state() -> PartialState:
+    """accelerate's process state, joined to the launcher's process group also on CPU.
+
+    `PartialState` only forms a CPU process group when told the run is on CPU; an `accelerate launch --cpu` or a
+    machine without an accelerator is. A launcher that started several processes which still see a world of one
+    would have each score everything into the same folder, so that is refused.
+    """
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or not _has_accelerator()
+    state = PartialState(cpu=cpu)
+    launched = get_int_from_env(["WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"], 1)
+    if launched > 1 and state.num_processes != launched:
+        raise ConfigError(
+            f"The launcher started {launched} processes but accelerate sees {state.num_processes}; each would score "
+            "every row. Launch with `accelerate launch` (add `--cpu` on CPU) or `torchrun`."
+        )
+    return state
+
+
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None:
+        return accelerator.is_available()
+    return torch.cuda.is_available()
+
+
 @dataclass
 class RunSummary:
     """What a run produced: paths, counts and this invocation's wall times (seconds per stage)."""
@@ -951,7 +1009,7 @@ def run_job(job: FilterJob) -> RunSummary:
     Every process of an ``accelerate launch`` calls this; outputs are written by the main process.
     """
     started = time.perf_counter()
-    context = RunContext(state=PartialState())
+    context = RunContext(state=process_state())
     check_push(job.push_to_hub)
     with collect_notes(context.notes):
         candidates = job.candidates.load(streaming=job.streaming, role="candidates")
@@ -984,6 +1042,7 @@ def open_run(job: FilterJob, context: RunContext) -> tuple[RunFolder, dict, int]
     """Check the output folder on every process; the main process locks it and writes the manifest."""
     existing = check_output(job, input_paths(job))
     folder = RunFolder(job.output.resolve())
+    context.state.wait_for_everyone()  # every process has looked at the folder before the main one writes to it
     if context.state.is_main_process:
         folder.path.mkdir(parents=True, exist_ok=True)
         acquire_lock(folder.path)
@@ -1128,7 +1187,7 @@ def size_report(
 
     The fit runs on ``fit_rows`` candidate rows (a seeded random subset); nothing is scored or written.
     """
-    context = RunContext(state=PartialState())
+    context = RunContext(state=process_state())
     with collect_notes(context.notes):
         dataset = candidates.load(streaming=streaming, role="candidates")
         check_columns(dataset, read, role="candidates", extra={})

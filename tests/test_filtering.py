@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -346,3 +347,22 @@ def test_size_report_prints_the_sizing_table_and_memory_plan(workspace):
     )
     assert "sizing from a fit on 16 candidate rows" in text
     assert "model.layers.1.mlp.down_proj" in text and "memory plan" in text and "eigenbases" in text
+
+
+def test_a_cached_curvature_is_reused_for_another_target_and_scores_the_same(workspace, tmp_path, caplog):
+    write_jsonl(tmp_path / "other-target.jsonl", TARGET_ROWS[:3])
+    other = SourceSpec(str(tmp_path / "other-target.jsonl"))
+    cache = tmp_path / "cache"
+    caplog.set_level(logging.INFO, logger="hfinfluence")
+    run_job(make_job(workspace, tmp_path / "a", curvature_cache=str(cache)))
+    assert "Loaded the fitted curvature from the cache" not in caplog.text
+    second = run_job(make_job(workspace, tmp_path / "b", target=other, curvature_cache=str(cache)))
+    assert "Loaded the fitted curvature from the cache" in caplog.text
+    fresh = run_job(make_job(workspace, tmp_path / "c", target=other))
+    assert len(list(cache.iterdir())) == 1
+    cached, uncached = (
+        pq.read_table(out / "scores.parquet").column("score").to_numpy() for out in (second.output, fresh.output)
+    )
+    np.testing.assert_array_equal(cached, uncached)
+    report = (tmp_path / "b" / "report.md").read_text()
+    assert "curvature fitted on 37 candidate rows" in report
