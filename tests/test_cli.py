@@ -43,7 +43,7 @@ def files(tmp_path_factory) -> Path:
         tiny_llama(dtype=torch.float64).save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
     write_jsonl(root / "pool.jsonl", pool_rows(37))
-    write_jsonl(root / "big-pool.jsonl", pool_rows(400, seed=1))
+    write_jsonl(root / "big-pool.jsonl", pool_rows(240, seed=1))
     write_jsonl(root / "target.jsonl", TARGET_ROWS)
     write_jsonl(root / "target-text.jsonl", [{"text": row["prompt"] + row["completion"]} for row in TARGET_ROWS])
     (root / "empty.jsonl").write_text("")
@@ -163,18 +163,22 @@ def offline_env(tmp_path: Path) -> dict:
     }
 
 
-@pytest.mark.parametrize(
-    ("flag", "message"),
-    [("--candidates", "cannot be reached offline"), ("--model", "cannot be reached offline")],
-)
-def test_a_hub_id_that_cannot_be_reached_offline_is_one_line(files, tmp_path, flag, message):
-    argv = replace(arguments(files, tmp_path / "run"), flag, "nobody-here/not-cached")
+def test_a_hub_dataset_that_cannot_be_reached_offline_is_one_line(files, tmp_path):
+    """Through the console script, in a fresh process with HF_HUB_OFFLINE=1 and an empty cache."""
+    argv = replace(arguments(files, tmp_path / "run"), "--candidates", "nobody-here/not-cached")
     result = subprocess.run(
         [str(CONSOLE_SCRIPT), *argv], env=offline_env(tmp_path), capture_output=True, text=True, timeout=300
     )
     lines = error_lines(result.stderr)
     assert result.returncode == 2
-    assert len(lines) == 1 and message in lines[0] and "nobody-here/not-cached" in lines[0], result.stderr
+    assert len(lines) == 1 and "'nobody-here/not-cached' cannot be reached offline" in lines[0], result.stderr
+
+
+def test_a_hub_model_that_cannot_be_reached_offline_is_one_line(files, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(replace(arguments(files, tmp_path / "run"), "--model", "nobody-here/not-cached")) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "'nobody-here/not-cached' cannot be reached offline" in lines[0], lines
 
 
 def test_wandb_offline_run_holds_the_report(files, tmp_path, monkeypatch):
@@ -210,8 +214,7 @@ def test_killed_runs_resume_and_end_equal_to_an_uninterrupted_run(files, tmp_pat
     third = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert third.returncode == 0, third.stderr[-3000:]
     assert "shard(s) reused from an earlier invocation" in third.stdout
-    clean = replace(command, "--output", str(tmp_path / "clean"))
-    assert subprocess.run(clean, env=env, capture_output=True, text=True, timeout=600).returncode == 0
+    assert main(replace(argv, "--output", str(tmp_path / "clean"))) == 0
 
     for name in ("scores.parquet", "kept.parquet"):
         assert pq.read_table(tmp_path / "resumed" / name).equals(pq.read_table(tmp_path / "clean" / name))
