@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,13 @@ SCRIPT = Path(__file__).with_name("trainer_dist_script.py")
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 
 
+def free_port() -> int:
+    """A port nobody listens on now, so that concurrent multi-process runs on this machine do not collide."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def launch_two_processes(out: Path) -> None:
     hostfile = out / "hostfile"
     hostfile.write_text("localhost slots=2\n")
@@ -28,6 +36,8 @@ def launch_two_processes(out: Path) -> None:
         "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
         "HFINFLUENCE_PROGRESS": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
         "PYTHONPATH": os.pathsep.join([str(SCRIPT.parent), os.environ.get("PYTHONPATH", "")]),
     }
     command = [str(ACCELERATE), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1"]
