@@ -128,6 +128,12 @@ def _add_output_arguments(parser: argparse.ArgumentParser, *, select: bool) -> N
         metavar="DIR",
         help="reuse fitted curvatures from DIR (keyed by model, data and engine settings); new fits are saved there",
     )
+    group.add_argument(
+        "--gradient-cache",
+        default=None,
+        metavar="DIR",
+        help="store the candidates' sketched gradients in DIR so runs against other targets skip the model passes",
+    )
     group.add_argument("--id-field", default=None, help="column copied into scores.parquet as `id`")
     group.add_argument("--group-field", default=None, help="column to count kept rows by (e.g. source)")
     group.add_argument("--shard-size", type=int, default=256, help="rows per score shard (the unit of resuming)")
@@ -228,6 +234,7 @@ def build_job(args: argparse.Namespace, argv: list[str]):
         private=not getattr(args, "public", False),
         overwrite=args.overwrite,
         curvature_cache=args.curvature_cache,
+        gradient_cache=args.gradient_cache,
         report_to=args.report_to,
         argv=argv,
     )

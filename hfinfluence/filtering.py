@@ -50,6 +50,8 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import get_int_from_env, parse_flag_from_env
 from datasets import Dataset, IterableDataset
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .config import InfluenceConfig
@@ -78,6 +80,7 @@ SCORE_COLUMNS = ("influence_score", "influence_rank")
 MODES = ("top_k", "boltzmann")
 MANIFEST_VERSION = 1
 STATE_CONFIG, FIT_INFO = "influence_config.json", "fit_info.json"
+GRADIENT_LIMIT_BYTES = 64 * 2**20
 
 
 # ---------------------------------------------------------------------------------------------- settings
@@ -182,8 +185,9 @@ class FilterJob:
     manifest's ``scoring`` part; a rerun that changes them is refused unless ``overwrite``, which then
     starts over. Settings that only change the outputs (selection, format, id/group columns) are its
     ``outputs`` part: with ``overwrite`` the existing scores are reused. ``batch_size``, the number of
-    processes and ``curvature_cache`` (a folder of fitted curvatures keyed by the settings they depend on,
-    shared by runs against different targets) change neither, so a resumed run may use other values.
+    processes, ``curvature_cache`` and ``gradient_cache`` (folders of fitted curvatures and of candidates'
+    sketched gradients, keyed by the settings they depend on and shared by runs against different targets)
+    change neither, so a resumed run may use other values.
     """
 
     command: str
@@ -206,6 +210,7 @@ class FilterJob:
     private: bool = True
     overwrite: bool = False
     curvature_cache: str | None = None
+    gradient_cache: str | None = None
     report_to: str = "none"
     argv: list[str] = field(default_factory=list)
 
@@ -681,9 +686,10 @@ def score_shards(job: FilterJob, context: RunContext, engine: Influence, candida
     total = len(candidates) if isinstance(candidates, Dataset) else None
     owned = _owned_rows(total, job.shard_size, state, done)
     bar = tqdm(total=owned, unit="row", desc="score candidates", disable=not _progress(state), smoothing=0.1)
+    cache = GradientCache(job, engine) if job.gradient_cache else None
     seen = [0]
     for index, first, rows in pending_shards(candidates, job.shard_size, state, done, seen):
-        table = score_shard(rows, first, engine, context, job.batch_size)
+        table = score_shard(rows, first, engine, context, batch_size=job.batch_size, cache=cache, index=index)
         write_shard(folder.shard_path(index), table, state)
         bar.update(table.num_rows)
     bar.close()
@@ -724,14 +730,34 @@ def _progress(state: PartialState) -> bool:
     return state.is_main_process and os.environ.get("HFINFLUENCE_PROGRESS", "1") != "0"
 
 
-def score_shard(rows: dict, first: int, engine: Influence, context: RunContext, batch_size: int) -> pa.Table:
-    """Score one shard's raw rows; rows without a labelled token get a null score."""
+def score_shard(
+    rows: dict,
+    first: int,
+    engine: Influence,
+    context: RunContext,
+    *,
+    batch_size: int,
+    cache: GradientCache | None = None,
+    index: int = 0,
+) -> pa.Table:
+    """Score one shard's raw rows; rows without a labelled token get a null score.
+
+    With a gradient ``cache`` the rows' sketched gradients are read from it (or computed and stored) and scored
+    by a dot product with the target direction; otherwise `Influence.score` scores each batch.
+    """
     formatted = format_rows(context.formatter, rows)
     count = len(formatted["input_ids"])
     scores = np.full(count, np.nan)
     usable = [i for i, n in enumerate(formatted["num_loss_tokens"]) if n > 0]
-    for chosen, batch in model_batches(formatted, usable, context.collator, batch_size):
-        scores[chosen] = engine.score(batch).to(torch.float64).numpy()
+    if cache is None:
+        for chosen, batch in model_batches(formatted, usable, context.collator, batch_size):
+            scores[chosen] = engine.score(batch).to(torch.float64).numpy()
+    elif usable:
+        gradients = cache.load(index, usable)
+        if gradients is None:
+            gradients = cache.compute(engine, model_batches(formatted, usable, context.collator, batch_size), usable)
+            cache.save(index, usable, gradients)
+        scores[usable] = (gradients.to(torch.float64) @ cache.direction.to(torch.float64)).numpy()
     return pa.table(
         {
             "row": pa.array(np.arange(first, first + count), pa.int64()),
@@ -740,6 +766,62 @@ def score_shard(rows: dict, first: int, engine: Influence, context: RunContext, 
             "loss_tokens": pa.array(formatted["num_loss_tokens"], pa.int32()),
         }
     )
+
+
+class GradientCache:
+    """Candidates' sketched gradients, one file per shard, shared by runs that differ only in their target.
+
+    The gradients depend on the model, the candidates, how they are read and the fitted sketches, so the
+    folder is keyed by the curvature key and the shard size. A later run against another target reads them and
+    scores each row by one dot product instead of a forward+backward pass. Each row costs
+    Σ_layers m_E · m_A values on disk, so this needs real sketches: rows above `GRADIENT_LIMIT_BYTES` are refused.
+    """
+
+    def __init__(self, job: FilterJob, engine: Influence):
+        self.folder = Path(job.gradient_cache).expanduser() / f"{curvature_key(job)}-shard{job.shard_size}"
+        self.names = sorted(engine.layers)  # a loaded engine lists its layers in another order than a fitted one
+        shapes = [[name, engine.layers[name].sketch_dim_e, engine.layers[name].sketch_dim_a] for name in self.names]
+        self.layout = json.dumps(shapes)
+        row_bytes = sum(lay.sketch_dim_e * lay.sketch_dim_a for lay in engine.layers.values()) * 4
+        if row_bytes > GRADIENT_LIMIT_BYTES:
+            raise ConfigError(
+                f"`--gradient-cache` would store {row_bytes / 2**20:.0f} MiB per row (the sketches barely compress "
+                "this model); set `--sketch-budget` or `--sketch-dims`, or drop `--gradient-cache`."
+            )
+        self.direction = torch.cat([engine.target[name].reshape(-1) for name in self.names]).cpu()
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, index: int) -> Path:
+        return self.folder / f"shard-{index:06d}.safetensors"
+
+    def load(self, index: int, usable: list[int]) -> torch.Tensor | None:
+        """The shard's stored gradients [rows, values], or None when absent or made for other rows."""
+        if not self.path(index).is_file():
+            return None
+        with safe_open(str(self.path(index)), framework="pt") as handle:
+            layout = (handle.metadata() or {}).get("layout")
+            stored = {key: handle.get_tensor(key) for key in handle.keys()}
+        if layout != self.layout or stored["positions"].tolist() != usable:
+            logger.warning(f"Ignoring {self.path(index)}: it was made for other rows or sketches.")
+            return None
+        return stored["gradients"]
+
+    def compute(self, engine: Influence, batches, usable: list[int]) -> torch.Tensor:
+        """Sketched gradients [len(usable), values] of the usable rows, in ``usable`` order."""
+        where = {position: i for i, position in enumerate(usable)}
+        out = torch.empty(len(usable), self.direction.numel(), dtype=self.direction.dtype)
+        for chosen, batch in batches:
+            layers = engine.sketch_gradients(batch)
+            flat = torch.cat([layers[name].reshape(len(chosen), -1) for name in self.names], dim=1)
+            out[[where[c] for c in chosen]] = flat.detach().cpu().to(out.dtype)
+        return out
+
+    def save(self, index: int, usable: list[int], gradients: torch.Tensor) -> None:
+        tmp = self.folder / f".{self.path(index).name}.tmp-{os.getpid()}"
+        positions = torch.tensor(usable, dtype=torch.int64)
+        tensors = {"positions": positions, "gradients": gradients.contiguous()}
+        save_file(tensors, str(tmp), metadata={"layout": self.layout})
+        os.replace(tmp, self.path(index))
 
 
 def write_shard(path: Path, table: pa.Table, state: PartialState) -> None:

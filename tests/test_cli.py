@@ -117,6 +117,24 @@ def test_bad_input_gives_one_clear_line_and_status_2(files, tmp_path, capsys, ch
     assert len(lines) == 1 and message in lines[0], lines
 
 
+def test_score_writes_every_score_and_no_kept_rows(files, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = [a for a in arguments(files, out) if a not in ("--keep-ratio", "0.25")]
+    assert main(["score", *argv[1:]]) == 0
+    assert "kept" not in capsys.readouterr().out
+    assert len(pq.read_table(out / "scores.parquet")) == 37
+    assert not any(out.glob("kept*"))
+    assert "## Counts per `source`" in (out / "report.md").read_text()
+
+
+def test_size_prints_the_sizing_table_and_memory_plan(files, capsys):
+    argv = ["size", "--model", str(files / "model"), "--dtype", "float64", "--candidates", str(files / "pool.jsonl")]
+    assert main([*argv, "--max-length", "24", "--fit-rows", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "sizing from a fit on 16 candidate rows" in out
+    assert "model.layers.0.self_attn.q_proj" in out and "first fit: exact (or pilot) factors" in out
+
+
 def test_over_long_rows_are_truncated_counted_and_reported(files, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(replace(arguments(files, out), "--max-length", "7")) == 0

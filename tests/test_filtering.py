@@ -179,6 +179,11 @@ def test_scores_do_not_depend_on_batch_size_shard_size_or_streaming(workspace, p
     reference = pq.read_table(parquet_run / "scores.parquet")
     np.testing.assert_allclose(ours.column("score").to_numpy(), reference.column("score").to_numpy(), rtol=1e-9)
     assert_same_ranks_up_to_ties(ours, reference)
+    pool = {row["id"]: row for row in pool_rows(37)}
+    kept = load_dataset("parquet", data_files=str(tmp_path / "other" / "kept.parquet"), split="train")
+    assert len(kept) == 9 and all({k: row[k] for k in pool[row["id"]]} == pool[row["id"]] for row in kept)
+    expected = load_dataset("parquet", data_files=str(parquet_run / "kept.parquet"), split="train")
+    np.testing.assert_allclose(sorted(kept["influence_score"]), sorted(expected["influence_score"]), rtol=1e-9)
 
 
 def assert_same_ranks_up_to_ties(ours: pa.Table, reference: pa.Table, rtol: float = 1e-9) -> None:
@@ -366,3 +371,22 @@ def test_a_cached_curvature_is_reused_for_another_target_and_scores_the_same(wor
     np.testing.assert_array_equal(cached, uncached)
     report = (tmp_path / "b" / "report.md").read_text()
     assert "curvature fitted on 37 candidate rows" in report
+
+
+def test_cached_gradients_score_like_the_engine_and_serve_another_target(workspace, parquet_run, tmp_path):
+    """First run: gradients computed and stored; second run (other target): read back, no model pass."""
+    write_jsonl(tmp_path / "other-target.jsonl", TARGET_ROWS[:3])
+    other = SourceSpec(str(tmp_path / "other-target.jsonl"))
+    caches = dict(curvature_cache=str(tmp_path / "curvature"), gradient_cache=str(tmp_path / "gradients"))
+    run_job(make_job(workspace, tmp_path / "a", **caches))
+    files = sorted((tmp_path / "gradients").rglob("shard-*.safetensors"))
+    assert len(files) == 8  # 37 rows in shards of 5
+    stamps = [f.stat().st_mtime_ns for f in files]
+
+    run_job(make_job(workspace, tmp_path / "b", target=other, **caches))
+    assert [f.stat().st_mtime_ns for f in files] == stamps  # read, not rewritten
+    run_job(make_job(workspace, tmp_path / "c", target=other))  # no caches: `Influence.score` per batch
+    for name in ("a", "b"):
+        cached = pq.read_table(tmp_path / name / "scores.parquet").column("score").to_numpy()
+        direct = pq.read_table((tmp_path / "c" if name == "b" else parquet_run) / "scores.parquet")
+        np.testing.assert_allclose(cached, direct.column("score").to_numpy(), rtol=1e-9)
