@@ -69,6 +69,7 @@ from .errors import (
 from .influence import Influence
 from .logs import get_logger
 from .models import hub_offline, load_model_and_tokenizer, looks_like_local_path
+from .report import ReportInputs, log_to_wandb, sizing_table, write_report
 from .selection import keep_count, select_boltzmann, select_min_score, select_top_k, select_with_quotas
 
 logger = get_logger(__name__)
@@ -1153,11 +1154,12 @@ def score_all(job: FilterJob, context: RunContext, candidates, target, folder: R
     for key in ("fit", "target", "leakage"):
         if key in context.info:
             info[key] = context.info[key]
-    info.setdefault("sizing", engine.sizing().to_dicts())
+    order = {name: i for i, name in enumerate(engine.tracked)}  # model order, also after `Influence.load`
+    info.setdefault("sizing", sorted(engine.sizing().to_dicts(), key=lambda row: order[row["module"]]))
     info["memory_plan"] = str(engine.memory_plan(batch_size=job.batch_size, tokens=job.read.max_length))
     info["notes"] = list(dict.fromkeys([*info.get("notes", []), *context.notes]))
     if context.state.is_main_process:
-        logger.info(f"Sizing:\n{engine.sizing()}\n{info['memory_plan']}")
+        logger.info(f"Sizing:\n{sizing_table(info)}\n{info['memory_plan']}")
         folder.write_manifest({**manifest, "status": "scoring"})
 
     started = time.perf_counter()
@@ -1186,7 +1188,6 @@ def finish(job: FilterJob, context: RunContext, candidates, folder: RunFolder, m
     table = pq.read_table(folder.path / SCORES_FILE)
     scores = table.column("score").to_numpy(zero_copy_only=False)
     files = {"scores": folder.path / SCORES_FILE}
-    kept = None
     summary = RunSummary(folder.path, len(scores), int((~np.isnan(scores)).sum()), None, 0, files, context.times, [])
     if not context.state.is_main_process:
         return summary
@@ -1198,30 +1199,33 @@ def finish(job: FilterJob, context: RunContext, candidates, folder: RunFolder, m
     info["notes"] = list(dict.fromkeys([*info.get("notes", []), *context.notes]))
 
     started = time.perf_counter()
-    ranks = table.column("rank").fill_null(0).to_numpy()
-    groups = table.column("group").to_pylist() if "group" in table.column_names else None
-    dataset = None
-    if job.command == "filter":
-        kept = select_rows(scores, job.select, groups=groups, seed=job.influence.seed)
-        dataset = kept_dataset(candidates, kept, scores, ranks, folder.path / ".cache")
-        files["kept"] = write_kept(dataset, folder.path, job.output_format)
-        shutil.rmtree(folder.path / ".cache", ignore_errors=True)
+    kept, dataset = write_selection(job, candidates, table, folder, files) if job.command == "filter" else (None, None)
     context.times["write"] = time.perf_counter() - started
-
-    from .report import ReportInputs, log_to_wandb, write_report
-
     inputs = ReportInputs(job, manifest, table, kept, context.times, examples(candidates, table, job.read))
     files.update(write_report(inputs, folder.path))
     if job.report_to == "wandb":
         log_to_wandb(inputs, folder.path)
     if job.push_to_hub and dataset is not None:
         push_kept(dataset, job.push_to_hub, private=job.private)
+
     manifest.update(status="complete", outputs_written={k: str(v.name) for k, v in files.items()})
     folder.write_manifest(manifest)
     shutil.rmtree(folder.shards, ignore_errors=True)
     summary.kept = None if kept is None else int(kept.size)
-    summary.notes = manifest.get("info", {}).get("notes", [])
+    summary.notes = info["notes"]
     return summary
+
+
+def write_selection(job: FilterJob, candidates, table: pa.Table, folder: RunFolder, files: dict):
+    """Select rows from the scores and write them (``files["kept"]``); return (kept row indices, kept dataset)."""
+    scores = table.column("score").to_numpy(zero_copy_only=False)
+    ranks = table.column("rank").fill_null(0).to_numpy()
+    groups = table.column("group").to_pylist() if "group" in table.column_names else None
+    kept = select_rows(scores, job.select, groups=groups, seed=job.influence.seed)
+    dataset = kept_dataset(candidates, kept, scores, ranks, folder.path / ".cache")
+    files["kept"] = write_kept(dataset, folder.path, job.output_format)
+    shutil.rmtree(folder.path / ".cache", ignore_errors=True)
+    return kept, dataset
 
 
 def examples(candidates, table: pa.Table, read: ReadSpec, count: int = 10) -> dict[str, list[dict]]:
