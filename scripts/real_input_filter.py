@@ -37,24 +37,24 @@ RELEVANT = {
 def run_target(pool: Path, target: Path, out: Path, keep_ratio: float, extra: list[str]) -> float:
     """Run (or resume) one filter command; return its wall time in seconds, summed over the invocations it took.
 
-    Each invocation's time is logged in OUT/TARGET.wall_time.json; a run that is already complete is not rerun.
+    Each invocation (command and seconds) is logged in OUT/TARGET.wall_time.json; a complete run is not rerun.
     """
     command = ["hfinfluence", "filter", "--candidates", str(pool), "--target", str(target), "--output", str(out)]
     command += ["--keep-ratio", str(keep_ratio), "--group-field", "source", "--id-field", "id", *extra]
     log = out.parent / f"{out.name}.wall_time.json"
-    record = json.loads(log.read_text()) if log.is_file() else {"command": command, "invocations": []}
+    invocations = json.loads(log.read_text())["invocations"] if log.is_file() else []
     manifest = out / "manifest.json"
-    if manifest.is_file() and json.loads(manifest.read_text()).get("status") == "complete" and record["invocations"]:
-        return sum(record["invocations"])
+    if manifest.is_file() and json.loads(manifest.read_text()).get("status") == "complete" and invocations:
+        return sum(entry["seconds"] for entry in invocations)
 
     print(f"$ {shlex.join(command)}", flush=True)
     started = time.perf_counter()
     try:
         subprocess.run([str(Path(sys.executable).with_name("hfinfluence")), *command[1:]], check=True)
     finally:
-        record["invocations"].append(time.perf_counter() - started)
-        log.write_text(json.dumps(record, indent=2))
-    return sum(record["invocations"])
+        invocations.append({"command": command, "seconds": time.perf_counter() - started})
+        log.write_text(json.dumps({"invocations": invocations}, indent=2))
+    return sum(entry["seconds"] for entry in invocations)
 
 
 def table_rows(name: str, out: Path, seconds: float | None) -> list[str]:
