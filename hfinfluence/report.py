@@ -74,7 +74,7 @@ def write_histogram(scores: np.ndarray, kept: np.ndarray | None, path: Path) -> 
     axes.set_xlabel("influence score (positive = lowers the target loss)")
     axes.set_ylabel("candidates")
     axes.set_yscale("log")
-    axes.legend(frameon=False)
+    axes.legend(frameon=False, loc="upper right")
     figure.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     figure.savefig(tmp)
