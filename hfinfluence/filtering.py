@@ -585,7 +585,7 @@ def fitted_curvature(engine: Influence, job: FilterJob, context: RunContext, can
     A fresh fit is saved to the cache (main process), so runs against other targets skip it.
     """
     folder = Path(job.curvature_cache).expanduser() / curvature_key(job) if job.curvature_cache else None
-    if folder is not None and (folder / STATE_CONFIG).is_file():
+    if folder is not None and (folder / FIT_INFO).is_file():  # written last: the entry is complete
         engine.load(folder)
         context.info["fit"] = json.loads((folder / FIT_INFO).read_text())
         logger.info(f"Loaded the fitted curvature from the cache {folder}.")
