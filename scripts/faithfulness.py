@@ -615,6 +615,8 @@ def compare_rankings(exact: dict[str, Scored], sets: dict, bases: dict[str, Basi
     for key, scored in exact.items():
         row = ranking_agreement(scored.scores, reference)
         row["spearman_vs_identity"] = float(spearman(scored.scores, exact["identity"].scores).mean())
+        bound = torch.outer(scored.quad_candidates, scored.quad_targets).clamp(min=1e-300).sqrt()
+        row["cosine_median"] = float((scored.scores.abs() / bound).median())
         if key in sets and key != "kfac@0":
             dampings = sets[key]
             ratios = [dampings[n] / sets[PEER][n] for n in bases]
@@ -633,7 +635,8 @@ def compare_rankings(exact: dict[str, Scored], sets: dict, bases: dict[str, Basi
 
 
 def run_sketches(cand, targ, bases, sets, exact, configs, *, log) -> list[dict]:
-    records = []
+    """Score every configuration; a seed > 0 is also compared with seed 0 of the same configuration."""
+    records, first_seed = [], {}
     for index, config in enumerate(configs):
         started = time.perf_counter()
         chosen = {key: sets[key] for key in config.dampings}
@@ -650,10 +653,26 @@ def run_sketches(cand, targ, bases, sets, exact, configs, *, log) -> list[dict]:
                     **faithfulness(sketched, exact[key], exact["kfac@0"]),
                     "spearman_vs_peer": float(spearman(sketched, exact[PEER].scores).mean()),
                     "top10_vs_peer": top_overlap(sketched, exact[PEER].scores),
+                    "spearman_vs_identity": float(spearman(sketched, exact["identity"].scores).mean()),
+                    "norm_ratio": float(sketched.norm() / exact[key].scores.norm()),
+                    **seed_agreement(first_seed, config, key, sketched),
                 }
             )
         log(f"[{index + 1}/{len(configs)}] {config.label()} {time.perf_counter() - started:.1f} s")
     return records
+
+
+def seed_agreement(first_seed: dict, config: SketchConfig, key: str, sketched: torch.Tensor) -> dict:
+    """Two sketch seeds of one configuration: per-target Spearman and relative difference of their scores."""
+    label = (*(v for k, v in config.label().items() if k != "seed"), key)
+    if config.seed == 0:
+        first_seed[label] = sketched
+        return {}
+    other = first_seed[label]
+    return {
+        "seed_spearman": float(spearman(sketched, other).mean()),
+        "seed_relative_difference": float((sketched - other).norm() / other.norm()),
+    }
 
 
 def sizing_tables(bases: dict[str, Basis], sets: dict, args) -> dict:
@@ -695,7 +714,9 @@ def engine_check(model, raw: tuple[Captured, Captured], batches: tuple[list, lis
         theirs = engine.pairwise(batches[0], batches[1]).double()
         return float((theirs - reference).abs().max() / reference.abs().max()), engine
 
-    exact_error, engine = compare(InfluenceConfig(modules=names, sketch="none"), exact["peer"].scores)
+    exact_error, engine = compare(
+        InfluenceConfig(modules=names, sketch="none", sketch_budget=None), exact["peer"].scores
+    )
     effective = {r.module: (r.effective_dim_a, r.effective_dim_e, r.damping) for r in engine.sizing()}
     ours_effective = {n: (*factor_effective_dims(b.alpha, b.gamma, peer[n]), peer[n]) for n, b in bases.items()}
     sketch_error, engine = compare(InfluenceConfig(modules=names, sketch_budget=budget), ours)
@@ -913,6 +934,7 @@ def faithfulness_table(results: dict, kind: str, field: str, metrics=tuple(METRI
 def damping_table(results: dict) -> str:
     header = ["curvature @ damping", "λ / λ_peer (median, max)", "median d_λ(A⊗E)", "rule total at ε=0.5"]
     header += ["Spearman vs peer: pooled", "per target (mean, min)", "top-10 % overlap", "Spearman vs plain gradients"]
+    header += ["median abs(B) / √(φ_λ φ_λ′)"]
     rows = []
     for key, row in results["rankings"].items():
         sized = "damping_ratio_max" in row
@@ -926,8 +948,36 @@ def damping_table(results: dict) -> str:
                 f"{row['spearman_per_target_mean']:.3f}, {row['spearman_per_target_min']:.3f}",
                 f"{row['top10_overlap']:.2f}",
                 f"{row['spearman_vs_identity']:.3f}",
+                f"{row['cosine_median']:.2g}",
             ]
         )
+    return table(header, rows)
+
+
+def small_sketch_table(results: dict) -> str:
+    """Equal sides at the peer λ: agreement with exact K-FAC and with plain gradient products (all families, seeds)."""
+    header = ["m", "Spearman vs exact K-FAC", "Spearman vs plain gradients", "‖sketched‖ / ‖exact‖"]
+    rows = []
+    records = select(results["records"], kind="equal", damping_set=PEER)
+    for m in dict.fromkeys(r["m"] for r in records):
+        same = select(records, m=m)
+        keys = ("spearman_per_target_mean", "spearman_vs_identity", "norm_ratio")
+        rows.append([f"{m} × {m}"] + [f"{statistics.mean(r[k] for r in same):.3g}" for k in keys])
+    return table(header, rows)
+
+
+def seed_table(results: dict) -> str:
+    """Whether two sketch seeds' disagreement tells how far a sketch is from exact (no exact scores needed)."""
+    header = ["config", "Spearman vs exact", "Spearman seed s vs seed 0", "‖B̃_s − B̃_0‖ / ‖B̃_0‖"]
+    rows = []
+    for kind, field in (("equal", "m"), ("budget", "budget")):
+        records = [r for r in select(results["records"], kind=kind) if "seed_spearman" in r]
+        records = select(records, damping_set=PEER) if kind == "equal" else records
+        for value in dict.fromkeys(r[field] for r in records):
+            same = [r for r in records if r[field] == value]
+            keys = ("spearman_per_target_mean", "seed_spearman", "seed_relative_difference")
+            label = f"{value} × {value}, peer λ" if kind == "equal" else f"sketch_budget={value}"
+            rows.append([label] + [f"{statistics.mean(r[k] for r in same):.3f}" for k in keys])
     return table(header, rows)
 
 
@@ -1005,6 +1055,8 @@ def write_tables(results: dict, folder: Path) -> str:
         "## The fixed m × m sketch nearest the peers' 64 × 64, at several λ\n\n" + grid_damping_table(results),
         "## Exact rankings at other λ, EK-FAC and plain gradients vs K-FAC at the peer λ\n\n" + damping_table(results),
         "## What a user gets: sketched scores vs exact K-FAC at the peer λ\n\n" + end_to_end_table(results),
+        "## What small sketches approximate (equal sides, peer λ)\n\n" + small_sketch_table(results),
+        "## Two sketch seeds against each other (mean over families and seeds 1, 2 vs 0)\n\n" + seed_table(results),
         "## Fitted log-log slopes against m / d_λ (equal sides; theory: -0.5 for ε₉₅)\n\n" + slopes_table(results),
     ]
     if results.get("engine_check"):
@@ -1027,69 +1079,72 @@ def write_tables(results: dict, folder: Path) -> str:
 GRID_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
 
 
+def _annotate(ax, points: list[dict], metric: str, field: str, prefix: str) -> None:
+    """Label seed-0 points; points that coincide (e.g. several ε leaving every layer unsketched) share a label."""
+    spots: dict[tuple, list[str]] = {}
+    for r in select(points, seed=0):
+        spots.setdefault((r["ratio_median"], r[metric]), []).append(f"{r[field]:g}")
+    for (x, y), values in spots.items():
+        ax.annotate(f"{prefix}={', '.join(values)}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+
+
 def _scatter_family(ax, results: dict, family: str, metric: str) -> None:
     records = select(results["records"], family=family)
     grid_sets = list(dict.fromkeys(r["damping_set"] for r in select(records, kind="equal")))
+    sizes = "m = " + " … ".join(str(f(r["m"] for r in select(records, kind="equal"))) for f in (min, max))
     for colour, key in zip(GRID_COLOURS, grid_sets, strict=False):
         points = select(records, kind="equal", damping_set=key)
-        label = f"m × m, λ = {key.split('@')[1]} × mean eig."
-        ax.scatter(
-            [r["ratio_median"] for r in points],
-            [r[metric] for r in points],
-            s=12,
-            alpha=0.6,
-            color=colour,
-            label=label,
-        )
+        xs, ys = [r["ratio_median"] for r in points], [r[metric] for r in points]
+        ax.scatter(xs, ys, s=12, alpha=0.6, color=colour, label=f"m × m ({sizes}), λ = {key[5:]} × mean eig.")
     for kind, marker, field, colour in (("rule", "*", "epsilon", "black"), ("budget", "D", "budget", "tab:brown")):
         points = select(records, kind=kind)
         if not points:
             continue
-        label = "auto (rule) at ε" if kind == "rule" else "auto + sketch_budget B"
-        ax.scatter(
-            [r["ratio_median"] for r in points],
-            [r[metric] for r in points],
-            s=60 if kind == "rule" else 30,
-            marker=marker,
-            color=colour,
-            label=label,
-            zorder=3,
-        )
-        for r in select(points, seed=0):
-            text = f"ε={r[field]:g}" if kind == "rule" else f"B={r[field]}"
-            ax.annotate(text, (r["ratio_median"], r[metric]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        label = "auto sizes at ε (peer λ)" if kind == "rule" else "auto at ε = 0.5 with sketch_budget B (λ raised)"
+        xs, ys = [r["ratio_median"] for r in points], [r[metric] for r in points]
+        ax.scatter(xs, ys, s=60 if kind == "rule" else 30, marker=marker, color=colour, label=label, zorder=3)
+        _annotate(ax, points, metric, field, "ε" if kind == "rule" else "B")
     ax.set_xscale("log")
     ax.set_title(family)
     ax.set_xlabel("m / d_λ  (per layer m_A·m_E / d_λ(A⊗E), median over layers)")
     ax.grid(True, which="both", alpha=0.3)
 
 
-def _theory_line(ax, results: dict, family: str, metric: str, power: float, label: str) -> None:
-    records = select(results["records"], kind="equal", family=family)
-    positive = [r for r in records if r[metric] > 0]
-    if not positive:
-        return
-    # anchor the line with the least-squares constant for the fixed slope -power
-    offset = statistics.mean(math.log(r[metric]) + power * math.log(r["ratio_median"]) for r in positive)
-    xs = [min(r["ratio_median"] for r in positive), max(r["ratio_median"] for r in positive)]
-    ax.plot(xs, [math.exp(offset) * x**-power for x in xs], "k--", lw=1, label=label)
+def _theory_line(ax, results: dict, power: float = 0.5) -> None:
+    """The theory's rate (d_λ / m)^power with constant 1 over the plotted range of m / d_λ."""
+    xs = [r["ratio_median"] for r in results["records"]]
+    grid = [min(xs), max(xs)]
+    ax.plot(grid, [x**-power for x in grid], "k--", lw=1, label="√(d_λ / m): the theory's rate, constant 1")
+
+
+def _finish(fig, axes, title: str, path: Path, plt) -> None:
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    extra = [(h, lab) for ax in axes[-1] for h, lab in zip(*ax.get_legend_handles_labels(), strict=True)]
+    for handle, label in extra:
+        if label not in labels:
+            handles.append(handle)
+            labels.append(label)
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_eps(results: dict, folder: Path, plt) -> None:
     families = families_of(results)
-    fig, axes = plt.subplots(2, len(families), figsize=(5.2 * len(families), 9), squeeze=False)
+    fig, axes = plt.subplots(2, len(families), figsize=(5.2 * len(families), 9.5), squeeze=False)
     for column, family in enumerate(families):
-        for row, (metric, name) in enumerate((("eps95", "ε₉₅ (φ₀ = gᵀF⁺g)"), ("eps95_lambda", "ε₉₅ (φ_λ)"))):
+        for row, (metric, name) in enumerate(
+            (("eps95", "ε₉₅ (φ₀ = gᵀF⁺g)"), ("eps95_lambda", "ε₉₅ (φ_λ = gᵀ(F+λI)⁻¹g)"))
+        ):
             ax = axes[row][column]
             _scatter_family(ax, results, family, metric)
-            _theory_line(ax, results, family, metric, 0.5, "∝ √(d_λ / m)  (theory's rate)")
+            _theory_line(ax, results)
             ax.set_yscale("log")
             ax.set_ylabel(name)
-    axes[0][0].legend(fontsize=7, loc="lower left")
-    fig.suptitle("Sketched vs exact K-FAC scores: 95th-percentile normalised error")
-    fig.tight_layout()
-    fig.savefig(folder / "eps95.png", dpi=110)
-    plt.close(fig)
+    title = "Sketched vs exact K-FAC scores: 95th-percentile error normalised by √φ(g)√φ(g′)"
+    _finish(fig, axes, title, folder / "eps95.png", plt)
 
 
 def full_size(results: dict) -> int:
@@ -1098,28 +1153,29 @@ def full_size(results: dict) -> int:
 
 def plot_spearman(results: dict, folder: Path, plt) -> None:
     families = families_of(results)
-    fig, axes = plt.subplots(2, len(families), figsize=(5.2 * len(families), 9), squeeze=False)
+    for r in results["records"]:
+        r["one_minus_rho"] = max(1 - r["spearman_per_target_mean"], 1e-6)
+    sketched = {**results, "records": [r for r in results["records"] if r["total"] < full_size(results)]}
+    fig, axes = plt.subplots(2, len(families), figsize=(5.2 * len(families), 9.5), squeeze=False)
     for column, family in enumerate(families):
-        for r in results["records"]:
-            r["one_minus_rho"] = max(1 - r["spearman_per_target_mean"], 1e-6)
         ax = axes[0][column]
         _scatter_family(ax, results, family, "spearman_per_target_mean")
         ax.axhline(0.95, color="red", lw=1, ls=":", label="Spearman 0.95")
-        ax.set_ylabel("Spearman with exact scores (mean over targets)")
-        ax.set_ylim(max(0.0, ax.get_ylim()[0]), 1.005)
+        ax.set_ylabel("Spearman vs exact at the same λ (mean over targets)")
+        ax.set_ylim(max(0.0, ax.get_ylim()[0]), 1.02)
         ax = axes[1][column]
-        sketched = {**results, "records": [r for r in results["records"] if r["total"] < full_size(results)]}
         _scatter_family(ax, sketched, family, "one_minus_rho")
-        _theory_line(ax, results, family, "one_minus_rho", 1.0, "∝ d_λ / m  (square of the theory's rate)")
+        _theory_line(ax, sketched)
         ax.axhline(0.05, color="red", lw=1, ls=":")
         ax.set_yscale("log")
-        ax.set_ylabel("1 − Spearman (configs that sketch no layer are exact: not drawn)")
-    axes[0][0].legend(fontsize=7, loc="lower right")
-    axes[1][0].legend(fontsize=7, loc="lower left")
-    fig.suptitle("Rank agreement of sketched with exact K-FAC scores (candidates ranked per target)")
-    fig.tight_layout()
-    fig.savefig(folder / "spearman.png", dpi=110)
-    plt.close(fig)
+        ax.set_ylabel("1 − Spearman (sketches of every layer only)")
+    _finish(
+        fig,
+        axes,
+        "Rank agreement of sketched with exact K-FAC scores (candidates ranked per target)",
+        folder / "spearman.png",
+        plt,
+    )
 
 
 def plot_sizes(results: dict, folder: Path, plt) -> None:
@@ -1140,7 +1196,8 @@ def plot_sizes(results: dict, folder: Path, plt) -> None:
     left.set_xticks(list(xs), [n.removeprefix("model.layers.") for n in layers], rotation=60, fontsize=7)
     left.set_yscale("log")
     left.set_ylabel("sketched gradient size m_A·m_E")
-    left.set_title("Per-layer auto sizes (peer λ)")
+    full = [k.split("=")[1] for k in keys if results["sizing"][k]["total"] == full_size(results)]
+    left.set_title(f"Per-layer auto sizes (peer λ; ε = {', '.join(full)} leave every layer unsketched)")
     left.legend(fontsize=7)
     right.plot(
         [float(k.split("=")[1]) for k in keys],
@@ -1189,6 +1246,10 @@ def plot_damping(results: dict, folder: Path, plt) -> None:
             xytext=(4, -10),
             fontsize=7,
         )
+    for key, colour in (("identity", "grey"), (f"ekfac@{PEER_FACTOR:g}", "tab:green")):
+        if key in rankings:
+            value = rankings[key]["spearman_per_target_mean"]
+            left.axhline(value, color=colour, ls="--", lw=1, label=f"{key} (Spearman {value:.2f})")
     left.set_xscale("log")
     left.set_xlabel("damping factor (λ / mean eigenvalue of A⊗E; budgets at their median)")
     left.set_title("Exact K-FAC at λ vs exact K-FAC at 0.1 × mean eigenvalue")
