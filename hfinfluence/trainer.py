@@ -743,6 +743,9 @@ class InfluenceTrainer(Trainer):
             metrics["influence/damping"] = sum(dampings) / len(dampings)
         if self.target_loss_history:
             metrics["influence/target_loss"] = self.target_loss_history[-1][1]
+        leakage = getattr(self.engine, "leakage_report", None)
+        if leakage is not None:
+            metrics["influence/leakage"] = float(leakage.total)
         if self.accelerator.is_main_process and self._wandb_on() and torch.isfinite(scores).any():
             self._log_media(scores, weights, index, groups)
         return metrics

@@ -218,7 +218,7 @@ def test_observed_scores_survive_activation_checkpointing():
     engine.set_target([CausalCollator(demo_tokenizer())(list(target))])
     expected = engine.score(batch)
 
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     with engine.observe(batch["attention_mask"], batch["labels"]) as observation:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -18,6 +18,7 @@ PER_STEP_KEYS = (
     "influence/score_hist",
     "influence/damping",
     "influence/target_loss",
+    "influence/leakage",
     "select/kept_fraction",
     "select/effective_fraction",
     "select/weight_min",
