@@ -200,12 +200,17 @@ def test_a_hub_model_that_cannot_be_reached_offline_is_one_line(files, tmp_path,
 
 
 def test_wandb_offline_run_holds_the_report(files, tmp_path, monkeypatch):
+    import wandb
     from hfinfluence.tracking import find_offline_runs, read_offline_run
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "run"
-    assert main([*arguments(files, out), "--report-to", "wandb"]) == 0
+    wandb.teardown()  # wandb keeps one settings object per process: start from a clean one, leave none behind
+    try:
+        assert main([*arguments(files, out), "--report-to", "wandb"]) == 0
+    finally:
+        wandb.teardown()
     runs = find_offline_runs(out)
     assert len(runs) == 1
     run = read_offline_run(runs[0])

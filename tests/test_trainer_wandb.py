@@ -47,14 +47,16 @@ INFLUENCE_ARGUMENTS = (
 
 @pytest.fixture
 def offline_wandb(tmp_path, monkeypatch):
+    import wandb
+
+    wandb.teardown()  # an earlier run in this process fixed wandb's settings (its folder); start afresh
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_PROJECT", "hfinfluence-tests")
     yield tmp_path
-    import wandb
-
     wandb.finish()
+    wandb.teardown()
 
 
 def test_offline_run_holds_influence_metrics_tables_and_config(offline_wandb):
