@@ -387,11 +387,13 @@ class InfluenceTrainer(Trainer):
         _require_rows(target, "target_dataset")
         if "num_loss_tokens" in target.column_names:
             target = target.filter(lambda row: row["num_loss_tokens"] > 0)
-            if len(target) == 0:
-                raise EmptyInputError(
-                    "No row of `target_dataset` has a labelled token (every label is -100 after truncation); "
-                    "check `max_length` and the prompt/completion fields."
-                )
+        elif "labels" in target.column_names:
+            target = target.filter(lambda row: any(label != -100 for label in row["labels"][1:]))
+        if len(target) == 0:
+            raise EmptyInputError(
+                "No row of `target_dataset` has a labelled token (every label is -100 after truncation); "
+                "check `max_length` and the prompt/completion fields."
+            )
         if len(target) < self.args.world_size:
             raise EmptyInputError(
                 f"`target_dataset` has {len(target)} rows for {self.args.world_size} processes; every process "
@@ -414,8 +416,9 @@ class InfluenceTrainer(Trainer):
                     f"InfluenceTrainer does not support {name} with `selection`={self.args.selection!r}: the "
                     "trainer computes its own weighted per-example loss. Use `selection`='off' for this setup."
                 )
-        checkpoint_kwargs = self.args.activation_checkpointing_kwargs or {}
-        if self.args.activation_checkpointing and checkpoint_kwargs.get("use_reentrant", False):
+        checkpoint_kwargs = self.args.activation_checkpointing_kwargs
+        reentrant = isinstance(checkpoint_kwargs, dict) and checkpoint_kwargs.get("use_reentrant", False)
+        if self.args.activation_checkpointing and reentrant:
             raise NotImplementedError(
                 "Reentrant activation checkpointing runs the forward pass without autograd, so the tracked layers' "
                 "gradients cannot be observed. Pass `activation_checkpointing_kwargs={'use_reentrant': False}`."
@@ -502,6 +505,11 @@ class InfluenceTrainer(Trainer):
             with self.compute_loss_context_manager():
                 logits = forward(**_model_inputs(inputs)).logits
             losses = per_example_loss(logits, inputs["labels"], reduction=self.args.loss_reduction)
+            if not observation.outputs:
+                raise NotImplementedError(
+                    "No tracked layer recorded a differentiable output in the training forward pass. Reentrant "
+                    "activation checkpointing does this: enable it with `use_reentrant=False`."
+                )
             torch.autograd.grad(losses.sum(), observation.outputs, retain_graph=retain, allow_unused=True)
         return observation.scores.detach().to(torch.float64).cpu(), losses
 

@@ -208,6 +208,15 @@ def test_training_features_work_with_selection(tmp_path, features):
         assert all("lora_" in name for name in trainer.engine.tracked)
 
 
+def test_reentrant_activation_checkpointing_is_refused_with_the_fix(tmp_path):
+    with pytest.raises(NotImplementedError, match="use_reentrant"):
+        make_trainer(tmp_path, activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": True})
+    model = tiny_model()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(NotImplementedError, match="use_reentrant=False"):
+        make_trainer(tmp_path, model=model, max_steps=1).train()
+
+
 def test_observed_scores_survive_activation_checkpointing():
     """Non-reentrant checkpointing re-runs the forward inside backward; the capture must ignore that re-run."""
     pool, target = demo_datasets(pool_rows=6)
@@ -292,6 +301,8 @@ def test_bad_datasets_fail_before_training(tmp_path):
     no_loss = target.map(lambda row: {"labels": [-100] * len(row["labels"]), "num_loss_tokens": 0})
     with pytest.raises(EmptyInputError, match="labelled token"):
         make_trainer(tmp_path, target=no_loss)
+    with pytest.raises(EmptyInputError, match="labelled token"):
+        make_trainer(tmp_path, target=no_loss.remove_columns(["num_loss_tokens"]))
     with pytest.raises(ConfigError, match="target_dataset"):
         InfluenceTrainer(
             model=tiny_model(),
