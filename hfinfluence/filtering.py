@@ -690,9 +690,10 @@ def score_shards(job: FilterJob, context: RunContext, engine: Influence, candida
     cache = GradientCache(job, engine) if job.gradient_cache else None
     seen = [0]
     for index, first, rows in pending_shards(candidates, job.shard_size, state, done, seen):
-        table = score_shard(rows, first, engine, context, batch_size=job.batch_size, cache=cache, index=index)
+        table = score_shard(
+            rows, first, engine, context, batch_size=job.batch_size, cache=cache, index=index, progress=bar.update
+        )
         write_shard(folder.shard_path(index), table, state)
-        bar.update(table.num_rows)
     bar.close()
     return seen[0] if total is None else total
 
@@ -740,25 +741,31 @@ def score_shard(
     batch_size: int,
     cache: GradientCache | None = None,
     index: int = 0,
+    progress=None,
 ) -> pa.Table:
     """Score one shard's raw rows; rows without a labelled token get a null score.
 
     With a gradient ``cache`` the rows' sketched gradients are read from it (or computed and stored) and scored
     by a dot product with the target direction; otherwise `Influence.score` scores each batch.
+    ``progress(n)`` is called with the number of rows done after each batch.
     """
     formatted = format_rows(context.formatter, rows)
     count = len(formatted["input_ids"])
     scores = np.full(count, np.nan)
     usable = [i for i, n in enumerate(formatted["num_loss_tokens"]) if n > 0]
+    progress = progress or (lambda rows: None)
+    reported = [0]
+    batches = _reporting(model_batches(formatted, usable, context.collator, batch_size), progress, reported)
     if cache is None:
-        for chosen, batch in model_batches(formatted, usable, context.collator, batch_size):
+        for chosen, batch in batches:
             scores[chosen] = engine.score(batch).to(torch.float64).numpy()
     elif usable:
         gradients = cache.load(index, usable)
         if gradients is None:
-            gradients = cache.compute(engine, model_batches(formatted, usable, context.collator, batch_size), usable)
+            gradients = cache.compute(engine, batches, usable)
             cache.save(index, usable, gradients)
         scores[usable] = (gradients.to(torch.float64) @ cache.direction.to(torch.float64)).numpy()
+    progress(count - reported[0])  # rows read from the cache, rows without loss
     return pa.table(
         {
             "row": pa.array(np.arange(first, first + count), pa.int64()),
@@ -767,6 +774,14 @@ def score_shard(
             "loss_tokens": pa.array(formatted["num_loss_tokens"], pa.int32()),
         }
     )
+
+
+def _reporting(batches, progress, reported: list[int]):
+    """Pass ``batches`` through, calling ``progress(rows)`` once each batch has been used."""
+    for chosen, batch in batches:
+        yield chosen, batch
+        progress(len(chosen))
+        reported[0] += len(chosen)
 
 
 class GradientCache:
