@@ -104,6 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--check-batches", type=int, default=2, help="candidate batches of the engine check (0: skip)")
     run.add_argument("--check-budget", type=int, default=32, help="sketch_budget of the engine check's sketched fit")
     run.add_argument("--plot-only", action="store_true", help="redraw from <output>/results.json")
+    run.add_argument("--data-stats", action="store_true", help="print token counts of the sampled rows and stop")
     return parser.parse_args(argv)
 
 
@@ -1282,8 +1283,27 @@ def plot_all(results: dict, folder: Path) -> None:
         plot(results, folder, plt)
 
 
+def data_stats(args) -> None:
+    """Tokens, completion (loss) tokens and left-truncated rows of the sampled candidates and targets."""
+    _, tokenizer = load_model_and_tokenizer()
+    formatter = format_prompt_completion(tokenizer, max_length=args.max_length)
+    targets = [row for path in args.targets for row in sample_rows(path, args.targets_per_file, args.seed)]
+    for name, rows in (("candidates", sample_rows(args.pool, args.candidates, args.seed)), ("targets", targets)):
+        formatted = [formatter(row) for row in rows]
+        tokens = statistics.mean(len(f["input_ids"]) for f in formatted)
+        labelled = statistics.mean(f["num_loss_tokens"] for f in formatted)
+        truncated = sum(f["truncated"] for f in formatted)
+        print(
+            f"{name}: {len(rows)} rows, {tokens:.1f} tokens and {labelled:.1f} completion tokens per row, "
+            f"{truncated} truncated to {args.max_length}"
+        )
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.data_stats:
+        data_stats(args)
+        return
     folder = Path(args.output)
     folder.mkdir(parents=True, exist_ok=True)
     if args.plot_only:
