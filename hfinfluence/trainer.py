@@ -118,34 +118,48 @@ class InfluenceTrainingArguments(TrainingArguments):
         "Keep every step's candidate indices and weights in `trainer.selection_history`.", default=False
     )
     modules: list[str] | None = _help(
-        "Engine: module name patterns to track; default every linear layer in the blocks.", default=None
+        "Engine: module name patterns to track; default every linear layer in the blocks.",
+        default=InfluenceConfig.modules,
     )
     sketch: str = _help(
-        "Engine: sketch family, 'gaussian', 'rademacher', 'countsketch' or 'none'.", default="gaussian"
+        "Engine: sketch family, 'gaussian', 'rademacher', 'countsketch' or 'none'.",
+        default=InfluenceConfig.sketch,
     )
-    sketch_dims: str = _help("Engine: 'auto' (effective-dimension rule), an int, or 'm_A,m_E'.", default="auto")
-    epsilon: float = _help("Engine: target relative accuracy of the sketched scores.", default=0.5)
-    sizing_constant: float = _help("Engine: the constant c of m = ceil(c · d_eff / ε²).", default=2.0)
-    damping: str = _help("Engine: 'auto' or a float ridge λ.", default="auto")
+    sketch_dims: str = _help(
+        "Engine: 'auto' (effective-dimension rule), an int, or 'm_A,m_E'.", default=InfluenceConfig.sketch_dims
+    )
+    epsilon: float = _help("Engine: target relative accuracy of the sketched scores.", default=InfluenceConfig.epsilon)
+    sizing_constant: float = _help(
+        "Engine: the constant c of m = ceil(c · d_eff / ε²).", default=InfluenceConfig.sizing_constant
+    )
+    damping: str = _help("Engine: 'auto' or a float ridge λ.", default=InfluenceConfig.damping)
     damping_factor: float = _help(
-        "Engine: multiple of the mean Kronecker eigenvalue used by damping='auto'.", default=0.1
+        "Engine: multiple of the mean Kronecker eigenvalue used by damping='auto'.",
+        default=InfluenceConfig.damping_factor,
     )
     sketch_budget: int | None = _help(
         "Engine: most rows per sketch side; a layer needing more gets a larger damping (λ and m chosen together).",
         default=InfluenceConfig.sketch_budget,
     )
     curvature: str = _help(
-        "Engine: 'kfac', 'ekfac' (refreshed by a refit on the buffer) or 'identity'.", default="kfac"
+        "Engine: 'kfac', 'ekfac' (refreshed by a refit on the buffer) or 'identity'.",
+        default=InfluenceConfig.curvature,
     )
     influence_seed: int | None = _help("Engine: sketch seed; defaults to `seed`.", default=None)
     loss_reduction: str = _help(
-        "Engine and loss: per-example loss is the 'sum' or 'mean' of its token losses.", default="sum"
+        "Engine and loss: per-example loss is the 'sum' or 'mean' of its token losses.",
+        default=InfluenceConfig.loss_reduction,
     )
-    factor_dtype: str = _help("Engine: 'float32' or 'float64' factor accumulation.", default="float32")
+    factor_dtype: str = _help(
+        "Engine: 'float32' or 'float64' factor accumulation.", default=InfluenceConfig.factor_dtype
+    )
     exact_factor_limit: int = _help(
-        "Engine: widths sized from exact factors up to this; wider ones from a pilot sketch.", default=4096
+        "Engine: widths sized from exact factors up to this; wider ones from a pilot sketch.",
+        default=InfluenceConfig.exact_factor_limit,
     )
-    allow_shared: bool = _help("Engine: track tied or reused modules instead of refusing them.", default=False)
+    allow_shared: bool = _help(
+        "Engine: track tied or reused modules instead of refusing them.", default=InfluenceConfig.allow_shared
+    )
 
     def __post_init__(self):
         super().__post_init__()

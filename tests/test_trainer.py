@@ -339,3 +339,14 @@ def test_other_curvatures_refresh_during_training(tmp_path, curvature):
     trainer.train()
     assert len(logged(trainer, "influence/score_mean")) == 5
     assert all(math.isfinite(v) for v in logged(trainer, "influence/score_mean"))
+
+
+def test_argument_defaults_are_the_engine_defaults(tmp_path):
+    import dataclasses
+
+    from hfinfluence import InfluenceConfig
+
+    engine = InfluenceConfig().to_dict()
+    mine = make_args(tmp_path).influence_config().to_dict()
+    assert {k: v for k, v in mine.items() if k != "seed"} == {k: v for k, v in engine.items() if k != "seed"}
+    assert len(dataclasses.fields(InfluenceConfig)) > 10
