@@ -67,6 +67,7 @@ def test_offline_run_holds_influence_metrics_tables_and_config(offline_wandb):
     import wandb
 
     wandb.finish()
+    wandb.teardown()  # stops wandb's service process, which writes the record file: nothing is left to flush
 
     runs = find_offline_runs(offline_wandb)
     assert len(runs) == 1
