@@ -201,6 +201,7 @@ def test_a_hub_model_that_cannot_be_reached_offline_is_one_line(files, tmp_path,
 
 def test_wandb_offline_run_holds_the_report(files, tmp_path, monkeypatch):
     import wandb
+
     from hfinfluence.tracking import find_offline_runs, read_offline_run
 
     monkeypatch.setenv("WANDB_MODE", "offline")
