@@ -311,7 +311,8 @@ class Influence:
         eig_a = eigendecompose(activation, module=name, what="activation covariance", dtype=self.dtype)
         eig_e = eigendecompose(gradient, module=name, what="gradient covariance", dtype=self.dtype)
         damping = self._damping(name, activation, gradient)
-        if config.sketch_budget and config.sketch_dims == "auto" and config.damping == "auto":
+        budgeted = config.sketch != "none" and config.sketch_dims == "auto" and config.damping == "auto"
+        if config.sketch_budget and budgeted:
             damping = damping_for_budget(
                 eig_a[0],
                 eig_e[0],

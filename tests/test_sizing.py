@@ -60,3 +60,11 @@ def test_engine_budget_sizes_every_layer_within_budget(llama):
         assert after.sketch_dim_a <= 6 and after.sketch_dim_e <= 6
         assert after.damping >= before.damping
         assert after.sketch_dim_a == min(after.d_in, math.ceil(2.0 * after.effective_dim_a))
+
+
+def test_exact_scores_keep_the_plain_damping(llama):
+    from test_influence import FIT, split_batch
+
+    exact = Influence(llama, InfluenceConfig(sketch="none", sketch_budget=4)).fit(split_batch(FIT, 4)).sizing()
+    plain = Influence(llama, InfluenceConfig(sketch="none", sketch_budget=None)).fit(split_batch(FIT, 4)).sizing()
+    assert [r.damping for r in exact] == [r.damping for r in plain]  # no sketch, so no budget to fit
