@@ -560,8 +560,8 @@ def prepare_engine(job: FilterJob, context: RunContext, candidates, target) -> I
         return engine
 
     started = time.perf_counter()
-    fitted_curvature(engine, job, context, candidates)
-    context.times["fit"] = time.perf_counter() - started
+    cached = fitted_curvature(engine, job, context, candidates)
+    context.times["fit (loaded from cache)" if cached else "fit"] = time.perf_counter() - started
     started = time.perf_counter()
     set_target(engine, job, context, target)
     context.times["target"] = time.perf_counter() - started
@@ -579,22 +579,24 @@ def curvature_key(job: FilterJob) -> str:
     return hashlib.sha256(json.dumps(fit, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def fitted_curvature(engine: Influence, job: FilterJob, context: RunContext, candidates) -> None:
+def fitted_curvature(engine: Influence, job: FilterJob, context: RunContext, candidates) -> bool:
     """Fit the engine, or load the fit from ``job.curvature_cache`` when one with the same settings is there.
 
-    A fresh fit is saved to the cache (main process), so runs against other targets skip it.
+    A fresh fit is saved to the cache (main process), so runs against other targets skip it. Returns whether
+    the fit came from the cache.
     """
     folder = Path(job.curvature_cache).expanduser() / curvature_key(job) if job.curvature_cache else None
     if folder is not None and (folder / FIT_INFO).is_file():  # written last: the entry is complete
         engine.load(folder)
         context.info["fit"] = json.loads((folder / FIT_INFO).read_text())
         logger.info(f"Loaded the fitted curvature from the cache {folder}.")
-        return
+        return True
     fit_engine(engine, job, context, candidates)
     if folder is not None and context.state.is_main_process:
         engine.save(folder)
         atomic_write_text(folder / FIT_INFO, json.dumps(context.info["fit"]))
     context.state.wait_for_everyone()
+    return False
 
 
 def set_target(engine: Influence, job: FilterJob, context: RunContext, target) -> None:
