@@ -155,6 +155,7 @@ def _add_output_arguments(parser: argparse.ArgumentParser, *, select: bool) -> N
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of the ``filter``, ``score`` and ``size`` commands."""
     parser = argparse.ArgumentParser(prog="hfinfluence", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -174,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def influence_config(args: argparse.Namespace) -> InfluenceConfig:
+    """The engine settings of a command line."""
     return InfluenceConfig(
         modules=args.modules,
         sketch=args.sketch,
@@ -188,6 +190,7 @@ def influence_config(args: argparse.Namespace) -> InfluenceConfig:
 
 
 def read_spec(args: argparse.Namespace):
+    """How a command line reads rows (`ReadSpec`)."""
     from .filtering import ReadSpec
 
     return ReadSpec(
@@ -241,6 +244,7 @@ def build_job(args: argparse.Namespace, argv: list[str]):
 
 
 def run_filter(args: argparse.Namespace, argv: list[str]) -> int:
+    """``filter`` and ``score``: run the job, then print where everything went (main process)."""
     from .filtering import run_job
 
     summary = run_job(build_job(args, argv))
@@ -260,6 +264,7 @@ def run_filter(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def run_size(args: argparse.Namespace, argv: list[str]) -> int:
+    """``size``: print the memory plan and sizing table (main process)."""
     from .filtering import SourceSpec, size_report
 
     text = size_report(

@@ -392,6 +392,7 @@ def acquire_lock(out: Path) -> None:
 
 
 def release_lock(out: Path) -> None:
+    """Remove the folder's lock if this process holds it."""
     owner = _lock_owner(out / LOCK)
     if owner is not None and owner.get("pid") == os.getpid():
         (out / LOCK).unlink(missing_ok=True)
@@ -417,6 +418,7 @@ def _alive(owner: dict) -> bool:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file next to ``path``, then rename it into place."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -600,6 +602,7 @@ def fitted_curvature(engine: Influence, job: FilterJob, context: RunContext, can
 
 
 def set_target(engine: Influence, job: FilterJob, context: RunContext, target) -> None:
+    """Give the engine the target direction: every target row read like the candidates, split over processes."""
     formatted = format_rows(context.formatter, target[:] if isinstance(target, Dataset) else _all_rows(target))
     context.info["target"] = counts_of(formatted)
     warn_read_counts("target", context.info["target"], job.read)
@@ -614,6 +617,7 @@ def set_target(engine: Influence, job: FilterJob, context: RunContext, target) -
 
 
 def fit_engine(engine: Influence, job: FilterJob, context: RunContext, candidates) -> None:
+    """Fit the curvature on the seeded subset of ``job.fit_rows`` candidate rows, split over processes."""
     raw = take_fit_rows(candidates, job.fit_rows, job.influence.seed)
     formatted = format_rows(context.formatter, raw)
     context.info["fit"] = counts_of(formatted)
@@ -638,6 +642,7 @@ def _all_rows(dataset: IterableDataset) -> dict:
 
 
 def counts_of(formatted: dict) -> dict:
+    """`ReadCounts` of formatted rows, as a dict for the manifest."""
     counts = ReadCounts()
     counts.add(formatted)
     return asdict(counts)
@@ -659,6 +664,7 @@ def warn_read_counts(role: str, counts: dict, read: ReadSpec) -> None:
 
 
 def leakage_summary(engine: Influence) -> dict | None:
+    """The engine's leakage diagnostic of the current target, JSON-ready (None when it has none)."""
     report = getattr(engine, "leakage_report", None)
     if report is None:
         return None
@@ -905,6 +911,7 @@ def attach_columns(merged: pa.Table, candidates, job: FilterJob) -> pa.Table:
 
 
 def read_columns(dataset: Dataset | IterableDataset, names: list[str]) -> dict[str, pa.Array]:
+    """The columns ``names`` of every row, as Arrow arrays (one extra pass over a stream)."""
     if not names:
         return {}
     if isinstance(dataset, Dataset):
@@ -1055,6 +1062,7 @@ def collect_notes(notes: list[str]):
 
 
 def load_model(job: FilterJob, context: RunContext) -> None:
+    """Load the model and tokenizer onto this process's device; build the row formatter and collator."""
     started = time.perf_counter()
     dtype = getattr(torch, job.model_dtype)
     model, tokenizer = load_model_and_tokenizer(job.model, dtype=dtype, device=context.state.device)
@@ -1132,6 +1140,7 @@ def run_job(job: FilterJob) -> RunSummary:
 
 
 def input_paths(job: FilterJob) -> list[Path]:
+    """Local paths the job reads (candidates, target, model), which outputs must stay clear of."""
     paths = [job.candidates.local_path(), job.target.local_path()]
     if job.model is not None and Path(job.model).expanduser().exists():
         paths.append(Path(job.model).expanduser().resolve())
@@ -1195,6 +1204,7 @@ def score_all(job: FilterJob, context: RunContext, candidates, target, folder: R
 
 
 def write_parquet(table: pa.Table, path: Path) -> None:
+    """Write ``table`` to ``path`` atomically."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     pq.write_table(table, tmp)
     os.replace(tmp, path)

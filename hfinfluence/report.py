@@ -220,6 +220,7 @@ def _cell(text: str) -> str:
 
 
 def sizing_table(info: dict) -> SizingTable:
+    """The `SizingTable` stored in a manifest's ``info``."""
     return SizingTable(SizingRow(**row) for row in info.get("sizing", []))
 
 
@@ -310,6 +311,7 @@ def log_to_wandb(inputs: ReportInputs, out: Path) -> Path | None:
 
 
 def wandb_scalars(inputs: ReportInputs) -> dict[str, float]:
+    """Scalar metrics: score mean/std, number scored, kept count and fraction, kept rows per group."""
     scores = _scores(inputs.table)
     valid = scores[~np.isnan(scores)]
     metrics = {
@@ -327,6 +329,7 @@ def wandb_scalars(inputs: ReportInputs) -> dict[str, float]:
 
 
 def wandb_metrics(inputs: ReportInputs, wandb) -> dict:
+    """Everything logged in one step: the scalars, the score histogram and the sizing and example tables."""
     scores = _scores(inputs.table)
     metrics: dict = dict(wandb_scalars(inputs))
     metrics["influence/score_histogram"] = wandb.Histogram(scores[~np.isnan(scores)].tolist())
