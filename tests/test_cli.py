@@ -43,7 +43,7 @@ def files(tmp_path_factory) -> Path:
         tiny_llama(dtype=torch.float64).save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
     write_jsonl(root / "pool.jsonl", pool_rows(37))
-    write_jsonl(root / "big-pool.jsonl", pool_rows(240, seed=1))
+    write_jsonl(root / "big-pool.jsonl", pool_rows(1200, seed=1))
     write_jsonl(root / "target.jsonl", TARGET_ROWS)
     write_jsonl(root / "target-text.jsonl", [{"text": row["prompt"] + row["completion"]} for row in TARGET_ROWS])
     (root / "empty.jsonl").write_text("")
@@ -223,7 +223,9 @@ def test_wandb_offline_run_holds_the_report(files, tmp_path, monkeypatch):
 
 def test_killed_runs_resume_and_end_equal_to_an_uninterrupted_run(files, tmp_path):
     """Ctrl-C one run and SIGKILL the next mid-scoring; the third finishes; compare with one clean run."""
+    # 150 shards scored one row per pass: seconds of scoring, so the signals land mid-run even on a fast machine
     argv = replace(arguments(files, tmp_path / "resumed", pool="big-pool.jsonl"), "--shard-size", "8")
+    argv = replace(argv, "--batch-size", "1")
     env = offline_env(tmp_path)
     command = [PYTHON, "-m", "hfinfluence", *argv]
 
