@@ -268,6 +268,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_score_every_row_once_like_one_process(files, tmp_path):
     if shutil.which("mpirun") is None:
         pytest.skip("CPU multi-process launch goes through mpirun (Debian package openmpi-bin)")
