@@ -23,43 +23,66 @@ from .errors import ConfigError, InfluenceError
 DEFAULT_FIT_ROWS = 1024
 
 
-def _sketch_dims(value: str):
-    if value == "auto":
-        return value
-    try:
-        parts = [int(v) for v in value.split(",")]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected 'auto', M or M_A,M_E; got {value!r}") from e
+# Flags whose values go, under the same names, into the settings objects a command line builds.
+INFLUENCE_FLAGS = (
+    "modules",
+    "sketch",
+    "sketch_dims",
+    "sketch_budget",
+    "epsilon",
+    "damping",
+    "curvature",
+    "loss_reduction",
+    "seed",
+)
+READ_FLAGS = ("text_field", "prompt_field", "completion_field", "max_length", "truncation_side")
+SELECT_FLAGS = ("keep_ratio", "top_k", "min_score", "mode", "temperature", "group_quotas")
+JOB_FLAGS = (
+    "command",
+    "output",
+    "model",
+    "fit_rows",
+    "batch_size",
+    "shard_size",
+    "streaming",
+    "id_field",
+    "group_field",
+    "overwrite",
+    "curvature_cache",
+    "gradient_cache",
+    "report_to",
+)
+
+
+def _word_or(word: str, result, convert, expected: str):
+    """An argparse type: ``word`` stands for ``result``, any other value goes through ``convert``.
+
+    A ``ValueError`` from ``convert`` becomes the usage error ``expected {expected}; got '<value>'``.
+    """
+
+    def parse(value: str):
+        if value == word:
+            return result
+        try:
+            return convert(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"expected {expected}; got {value!r}") from e
+
+    return parse
+
+
+def _dims(value: str) -> int | tuple[int, int]:
+    """``"M"`` -> M, ``"M_A,M_E"`` -> (M_A, M_E)."""
+    parts = [int(v) for v in value.split(",")]
     if len(parts) not in (1, 2):
-        raise argparse.ArgumentTypeError(f"expected 'auto', M or M_A,M_E; got {value!r}")
+        raise ValueError(f"{len(parts)} sizes")
     return parts[0] if len(parts) == 1 else tuple(parts)
 
 
-def _damping(value: str):
-    if value == "auto":
-        return value
-    try:
-        return float(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number >= 0; got {value!r}") from e
-
-
-def _optional_int(value: str):
-    if value == "none":
-        return None
-    try:
-        return int(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected a number or 'none'; got {value!r}") from e
-
-
-def _fit_rows(value: str):
-    if value == "all":
-        return None
-    try:
-        return int(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected a number of rows or 'all'; got {value!r}") from e
+_sketch_dims = _word_or("auto", "auto", _dims, "'auto', M or M_A,M_E")
+_damping = _word_or("auto", "auto", float, "'auto' or a number >= 0")
+_optional_int = _word_or("none", None, int, "a number or 'none'")
+_fit_rows = _word_or("all", None, int, "a number of rows or 'all'")
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser, *, with_target: bool) -> None:
@@ -174,71 +197,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _flags(args: argparse.Namespace, names) -> dict:
+    """``{name: args.<name>}`` for ``names``: settings that take a flag's value under the flag's own name."""
+    return {name: getattr(args, name) for name in names}
+
+
+def _source(args: argparse.Namespace, name: str):
+    """The `SourceSpec` of ``--<name>``, ``--<name>-config`` and ``--<name>-split``."""
+    from .filtering import SourceSpec
+
+    return SourceSpec(getattr(args, name), getattr(args, f"{name}_config"), getattr(args, f"{name}_split"))
+
+
 def influence_config(args: argparse.Namespace) -> InfluenceConfig:
     """The engine settings of a command line."""
-    return InfluenceConfig(
-        modules=args.modules,
-        sketch=args.sketch,
-        sketch_dims=args.sketch_dims,
-        sketch_budget=args.sketch_budget,
-        epsilon=args.epsilon,
-        damping=args.damping,
-        curvature=args.curvature,
-        loss_reduction=args.loss_reduction,
-        seed=args.seed,
-    )
+    return InfluenceConfig(**_flags(args, INFLUENCE_FLAGS))
 
 
 def read_spec(args: argparse.Namespace):
     """How a command line reads rows (`ReadSpec`)."""
     from .filtering import ReadSpec
 
-    return ReadSpec(
-        text_field=args.text_field,
-        prompt_field=args.prompt_field,
-        completion_field=args.completion_field,
-        max_length=args.max_length,
-        truncation_side=args.truncation_side,
-    )
+    return ReadSpec(**_flags(args, READ_FLAGS))
 
 
 def build_job(args: argparse.Namespace, argv: list[str]):
     """The `FilterJob` a ``filter`` or ``score`` command line describes."""
-    from .filtering import FilterJob, SelectSpec, SourceSpec
+    from .filtering import FilterJob, SelectSpec
 
-    select = None
-    if args.command == "filter":
-        select = SelectSpec(
-            keep_ratio=args.keep_ratio,
-            top_k=args.top_k,
-            min_score=args.min_score,
-            mode=args.mode,
-            temperature=args.temperature,
-            group_quotas=args.group_quotas,
-        )
+    select = SelectSpec(**_flags(args, SELECT_FLAGS)) if args.command == "filter" else None
     return FilterJob(
-        command=args.command,
-        output=args.output,
-        candidates=SourceSpec(args.candidates, args.candidates_config, args.candidates_split),
-        target=SourceSpec(args.target, args.target_config, args.target_split),
+        **_flags(args, JOB_FLAGS),
+        candidates=_source(args, "candidates"),
+        target=_source(args, "target"),
         read=read_spec(args),
         influence=influence_config(args),
         select=select,
-        model=args.model,
         model_dtype=args.dtype,
-        fit_rows=args.fit_rows,
-        batch_size=args.batch_size,
-        shard_size=args.shard_size,
-        streaming=args.streaming,
-        id_field=args.id_field,
-        group_field=args.group_field,
         output_format=getattr(args, "output_format", "parquet"),
         push_to_hub=getattr(args, "push_to_hub", None),
         private=not getattr(args, "public", False),
-        overwrite=args.overwrite,
-        curvature_cache=args.curvature_cache,
-        gradient_cache=args.gradient_cache,
-        report_to=args.report_to,
         argv=argv,
     )
 
@@ -265,11 +263,11 @@ def run_filter(args: argparse.Namespace, argv: list[str]) -> int:
 
 def run_size(args: argparse.Namespace, argv: list[str]) -> int:
     """``size``: print the memory plan and sizing table (main process)."""
-    from .filtering import SourceSpec, size_report
+    from .filtering import size_report
 
     text = size_report(
         model=args.model,
-        candidates=SourceSpec(args.candidates, args.candidates_config, args.candidates_split),
+        candidates=_source(args, "candidates"),
         read=read_spec(args),
         influence=influence_config(args),
         fit_rows=args.fit_rows,
