@@ -28,10 +28,17 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from recipe_utils import ModelArguments, family_shares, finish, load_model, parse_with_config, wandb_run_folder
+from recipe_utils import (
+    ModelArguments,
+    family_shares,
+    load_model,
+    parse_with_config,
+    summarise_run,
+    train_and_measure,
+)
 
-from hfinfluence.data import CausalCollator, format_prompt_completion, load_dataset_any
-from hfinfluence.trainer import InfluenceTrainer, InfluenceTrainingArguments
+from hfinfluence.data import format_prompt_completion, load_dataset_any
+from hfinfluence.trainer import InfluenceTrainingArguments
 
 
 @dataclass
@@ -69,56 +76,31 @@ def main(argv=None) -> dict:
     pool = load_rows(data_args.train_file, data_args.max_train_rows, data_args, tokenizer)
     target = load_rows(data_args.target_file, data_args.max_target_rows, data_args, tokenizer)
 
-    trainer = InfluenceTrainer(
-        model=model,
-        args=args,
-        train_dataset=pool,
-        target_dataset=target,
-        data_collator=CausalCollator(tokenizer),
-        processing_class=tokenizer,
-    )
-    loss_before = trainer.target_loss()
-    trainer.train()
-    loss_after = trainer.target_loss()
-    losses = {"before": loss_before, "after": loss_after}
+    trainer, losses = train_and_measure(model, tokenizer, args, train_dataset=pool, target_dataset=target)
     return summarise(trainer, pool, data_args, losses=losses, seconds=time.perf_counter() - started)
 
 
 def summarise(trainer, pool, data_args: DataArguments, *, losses: dict, seconds: float) -> dict:
-    """Print and save what the run saw and kept."""
-    selection = trainer.selection_summary()
+    """Print and save what the run saw and kept, with the target families' shares when `target_families` is set."""
     families = data_args.target_families or []
     group_column = trainer.args.group_column
     pool_groups = [str(g) for g in pool[group_column]] if group_column in pool.column_names else []
     shares = family_shares(trainer, pool_groups, families) if families and pool_groups else None
-    folder = wandb_run_folder()
-    summary = {
-        **selection,
-        "target_families": families,
-        "family_share": shares,
-        "target_loss_before": losses["before"],
-        "target_loss_after": losses["after"],
-        "processes": trainer.accelerator.num_processes,
-        "wall_seconds": seconds,
-        "wandb_folder": str(folder) if folder else None,
-    }
-    lines = [
-        f"selection         {trainer.args.selection} ({trainer.args.selection_method}, keep_ratio "
-        f"{trainer.args.keep_ratio:g}, buffer {trainer.args.buffer_multiplier}x, {trainer.state.global_step} steps)",
-        f"examples seen     {selection['examples_seen']}",
-        f"kept fraction     {selection['kept_fraction']:.3f} ({selection['examples_kept']} kept)",
-    ]
+    share_lines = []
     if shares:
-        lines.append(
+        share_lines.append(
             f"{'+'.join(families)} share   pool {shares['pool']:.1%}   seen {shares['seen']:.1%}   "
             f"kept {shares['kept']:.1%}" + ("   (by weight)" if trainer.args.selection == "reweight" else "")
         )
-    lines.append(f"target loss       {losses['before']:.4f} -> {losses['after']:.4f} (mean per completion token)")
-    lines.append(f"processes         {trainer.accelerator.num_processes}, wall time {seconds:.0f} s (this process)")
-    if folder:
-        lines.append(f"W&B run folder    {folder}   (upload later: wandb sync {folder})")
-    finish(trainer, summary=summary, lines=lines)
-    return summary
+    return summarise_run(
+        trainer,
+        seen=f"examples seen     {trainer.selection_summary()['examples_seen']}",
+        details={"target_families": families, "family_share": shares},
+        detail_lines=share_lines,
+        losses=losses,
+        loss_per="completion token",
+        seconds=seconds,
+    )
 
 
 if __name__ == "__main__":

@@ -30,10 +30,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from recipe_utils import ModelArguments, finish, load_model, parse_with_config, wandb_run_folder
+from recipe_utils import ModelArguments, load_model, parse_with_config, summarise_run, train_and_measure
 
-from hfinfluence.data import CausalCollator, format_text, load_dataset_any, pack_texts
-from hfinfluence.trainer import InfluenceTrainer, InfluenceTrainingArguments
+from hfinfluence.data import format_text, load_dataset_any, pack_texts
+from hfinfluence.trainer import InfluenceTrainingArguments
 
 
 @dataclass
@@ -69,42 +69,16 @@ def main(argv=None) -> dict:
     formatter = format_text(tokenizer, text_args.text_field, max_length=text_args.block_size)
     target = target.map(formatter, batched=True, remove_columns=target.column_names)
 
-    trainer = InfluenceTrainer(
-        model=model,
-        args=args,
-        train_dataset=blocks,
-        target_dataset=target,
-        data_collator=CausalCollator(tokenizer),
-        processing_class=tokenizer,
+    trainer, losses = train_and_measure(model, tokenizer, args, train_dataset=blocks, target_dataset=target)
+    seen = trainer.selection_summary()["examples_seen"]
+    return summarise_run(
+        trainer,
+        seen=f"blocks seen       {seen} of {len(blocks)} ({text_args.block_size} tokens each)",
+        details={"blocks": len(blocks)},
+        losses=losses,
+        loss_per="token",
+        seconds=time.perf_counter() - started,
     )
-    loss_before = trainer.target_loss()
-    trainer.train()
-    loss_after = trainer.target_loss()
-
-    selection = trainer.selection_summary()
-    folder = wandb_run_folder()
-    seconds = time.perf_counter() - started
-    summary = {
-        **selection,
-        "blocks": len(blocks),
-        "target_loss_before": loss_before,
-        "target_loss_after": loss_after,
-        "processes": trainer.accelerator.num_processes,
-        "wall_seconds": seconds,
-        "wandb_folder": str(folder) if folder else None,
-    }
-    lines = [
-        f"selection         {args.selection} ({args.selection_method}, keep_ratio {args.keep_ratio:g}, "
-        f"buffer {args.buffer_multiplier}x, {trainer.state.global_step} steps)",
-        f"blocks seen       {selection['examples_seen']} of {len(blocks)} ({text_args.block_size} tokens each)",
-        f"kept fraction     {selection['kept_fraction']:.3f} ({selection['examples_kept']} kept)",
-        f"target loss       {loss_before:.4f} -> {loss_after:.4f} (mean per token)",
-        f"processes         {trainer.accelerator.num_processes}, wall time {seconds:.0f} s (this process)",
-    ]
-    if folder:
-        lines.append(f"W&B run folder    {folder}   (upload later: wandb sync {folder})")
-    finish(trainer, summary=summary, lines=lines)
-    return summary
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""What the recipes share: one argument parser for YAML + command line, model loading, the closing summary."""
+"""What the recipes share: one argument parser for YAML + command line, model loading, training, the summary."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser
 
+from hfinfluence.data import CausalCollator
 from hfinfluence.errors import ConfigError
 from hfinfluence.models import load_model_and_tokenizer
+from hfinfluence.trainer import InfluenceTrainer, InfluenceTrainingArguments
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float64": "float64"}
 
@@ -72,6 +74,69 @@ def load_model(model_args: ModelArguments):
         config = LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha, target_modules=targets)
         model = get_peft_model(model, config)
     return model, tokenizer
+
+
+def train_and_measure(
+    model, tokenizer, args: InfluenceTrainingArguments, *, train_dataset, target_dataset
+) -> tuple[InfluenceTrainer, dict]:
+    """Train on ``train_dataset`` with influence selection against ``target_dataset``.
+
+    Returns the trainer and the mean target loss before and after training, ``{"before": ..., "after": ...}``.
+    """
+    trainer = InfluenceTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        target_dataset=target_dataset,
+        data_collator=CausalCollator(tokenizer),
+        processing_class=tokenizer,
+    )
+    loss_before = trainer.target_loss()
+    trainer.train()
+    return trainer, {"before": loss_before, "after": trainer.target_loss()}
+
+
+def summarise_run(
+    trainer,
+    *,
+    seen: str,
+    details: dict,
+    detail_lines: Sequence[str] = (),
+    losses: dict,
+    loss_per: str,
+    seconds: float,
+) -> dict:
+    """Save and print what the run saw and kept (`finish`); returns the summary.
+
+    The summary holds the selection counts, the recipe's ``details``, the target ``losses`` before and after,
+    the number of processes, the wall time and the W&B run folder. The printed lines are the selection
+    settings, ``seen``, the kept fraction, ``detail_lines``, the target loss (mean per ``loss_per``), the
+    processes and wall time, and the W&B folder.
+    """
+    args, selection = trainer.args, trainer.selection_summary()
+    folder = wandb_run_folder()
+    summary = {
+        **selection,
+        **details,
+        "target_loss_before": losses["before"],
+        "target_loss_after": losses["after"],
+        "processes": trainer.accelerator.num_processes,
+        "wall_seconds": seconds,
+        "wandb_folder": str(folder) if folder else None,
+    }
+    lines = [
+        f"selection         {args.selection} ({args.selection_method}, keep_ratio {args.keep_ratio:g}, "
+        f"buffer {args.buffer_multiplier}x, {trainer.state.global_step} steps)",
+        seen,
+        f"kept fraction     {selection['kept_fraction']:.3f} ({selection['examples_kept']} kept)",
+        *detail_lines,
+        f"target loss       {losses['before']:.4f} -> {losses['after']:.4f} (mean per {loss_per})",
+        f"processes         {trainer.accelerator.num_processes}, wall time {seconds:.0f} s (this process)",
+    ]
+    if folder:
+        lines.append(f"W&B run folder    {folder}   (upload later: wandb sync {folder})")
+    finish(trainer, summary=summary, lines=lines)
+    return summary
 
 
 def family_shares(trainer, pool_groups: Sequence[str], families: Sequence[str]) -> dict:
