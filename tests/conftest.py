@@ -6,7 +6,9 @@ import os
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2LMHeadModel, LlamaForCausalLM
+
+from hfinfluence.models import tiny_gpt2, tiny_llama
 
 os.environ.setdefault("HFINFLUENCE_PROGRESS", "0")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -14,39 +16,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 VOCAB = 61
 RTOL, ATOL = 1e-7, 1e-9
+SIZES = {"vocab_size": VOCAB, "hidden": 16, "layers": 2, "heads": 2, "max_positions": 64}
 
 
-def build_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+def build_llama(seed: int = 0, **sizes) -> LlamaForCausalLM:
+    """A float64 `tiny_llama` of the tests' sizes (``sizes`` override them); every token id is an ordinary word.
+
+    The global RNG is seeded with ``seed`` as well, so whatever a test draws after building (LoRA weights) repeats.
+    """
     torch.manual_seed(seed)
-    settings = dict(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    config = LlamaConfig(**{**settings, **overrides})
-    config._attn_implementation = "eager"
-    return LlamaForCausalLM(config).double().eval()
+    settings = {**SIZES, "kv_heads": 2, "intermediate": 24, "pad_token_id": None, **sizes}
+    return tiny_llama(**settings, seed=seed, dtype=torch.float64)
 
 
 def build_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    """A float64 `tiny_gpt2` of the tests' sizes; the global RNG is seeded with ``seed`` as well."""
     torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=VOCAB,
-        n_embd=16,
-        n_layer=2,
-        n_head=2,
-        n_positions=64,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    config._attn_implementation = "eager"
-    return GPT2LMHeadModel(config).double().eval()
+    return tiny_gpt2(**SIZES, seed=seed, dtype=torch.float64)
 
 
 def make_batch(n: int, length: int = 10, *, seed: int = 0, prompt: int = 3, pad_to: int | None = None) -> dict:

@@ -133,7 +133,7 @@ def test_sizing_effective_dims_equal_brute_force_eigenvalues(llama):
 
 
 def test_auto_sizes_follow_the_rule_and_shrink_with_epsilon():
-    model = build_llama(hidden_size=32, intermediate_size=48)
+    model = build_llama(hidden=32, intermediate=48)
     loose = fitted(model, epsilon=4.0, damping_factor=1.0).sizing()
     tight = fitted(model, epsilon=1.0, damping_factor=1.0).sizing()
     for lo, hi in zip(loose, tight, strict=True):
