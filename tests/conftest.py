@@ -55,6 +55,15 @@ def split_batch(batch: dict, size: int) -> list[dict]:
     return [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, n, size)]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one thread is faster, and far faster on a busy machine, than torch's default pool."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def llama():
     return build_llama()

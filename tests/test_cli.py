@@ -15,36 +15,26 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from datasets import load_dataset
-from test_filtering import TARGET_ROWS, pool_rows, write_jsonl
+from filtering_setup import TARGET_ROWS, pool_rows, save_tiny_model, write_jsonl, write_workspace
 
 from hfinfluence.cli import main
-from hfinfluence.models import tiny_llama, tiny_tokenizer
+from hfinfluence.models import tiny_tokenizer
 
 PYTHON = sys.executable
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 CONSOLE_SCRIPT = Path(sys.executable).with_name("hfinfluence")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> Path:
     """Tiny float64 models (one whose tokenizer has no pad token), a 37-row pool, targets good and bad."""
-    root = tmp_path_factory.mktemp("cli")
-    for name, tokenizer in (("model", tiny_tokenizer()), ("model-no-pad", tiny_tokenizer(with_pad=False))):
-        tiny_llama(dtype=torch.float64).save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-    write_jsonl(root / "pool.jsonl", pool_rows(37))
+    root = write_workspace(tmp_path_factory.mktemp("cli"))
+    save_tiny_model(root / "model-no-pad", tiny_tokenizer(with_pad=False))
     write_jsonl(root / "big-pool.jsonl", pool_rows(1200, seed=1))
-    write_jsonl(root / "target.jsonl", TARGET_ROWS)
     write_jsonl(root / "target-text.jsonl", [{"text": row["prompt"] + row["completion"]} for row in TARGET_ROWS])
     (root / "empty.jsonl").write_text("")
     return root

@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from datasets import Dataset, load_dataset, load_from_disk
+from filtering_setup import TARGET_ROWS, pool_rows, write_jsonl, write_workspace
 
 from hfinfluence.config import InfluenceConfig
 from hfinfluence.errors import ConfigError, ConfigMismatchError, EmptyInputError, OutputFolderError, PushToHubError
@@ -28,62 +28,14 @@ from hfinfluence.filtering import (
     size_report,
     write_shard,
 )
-from hfinfluence.models import tiny_llama, tiny_tokenizer
 
-NUMBERS = "one two three four five six seven eight nine ten".split()
-
-
-def pool_rows(count: int, *, seed: int = 0) -> list[dict]:
-    """Arithmetic and animal rows over the tiny tokenizer's words, with extra columns of several types."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(count):
-        a, b, c = (NUMBERS[j] for j in rng.integers(0, len(NUMBERS), size=3))
-        if i % 3 == 0:
-            prompt, completion, source = "the cat sat on the", f" {['mat', 'dog', 'sun'][i % 3 - 1]} .", "animals"
-        else:
-            prompt, completion, source = f"what is {a} plus {b} ?", f" {c}", "math"
-        rows.append(
-            {
-                "id": f"row-{i:03d}",
-                "prompt": prompt,
-                "completion": completion,
-                "source": source,
-                "weight": float(i) / 7,
-                "tags": [source, str(i % 2)],
-                "meta": {"position": i, "even": i % 2 == 0},
-            }
-        )
-    return rows
-
-
-TARGET_ROWS = [{"prompt": f"what is {n} plus two ?", "completion": " four"} for n in NUMBERS[:6]]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster, and far faster on a busy machine, than torch's default pool."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     """A saved tiny Llama + tokenizer, a 37-row pool and a 6-row target, shared by this module's tests."""
-    root = tmp_path_factory.mktemp("filtering")
-    model = tiny_llama(dtype=torch.float64)
-    model.save_pretrained(root / "model")
-    tiny_tokenizer().save_pretrained(root / "model")
-    write_jsonl(root / "pool.jsonl", pool_rows(37))
-    write_jsonl(root / "target.jsonl", TARGET_ROWS)
-    return root
+    return write_workspace(tmp_path_factory.mktemp("filtering"))
 
 
 def make_job(workspace: Path, output: Path, **overrides) -> FilterJob:
