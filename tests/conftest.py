@@ -1,8 +1,9 @@
-"""Shared fixtures: tiny models built from configs and synthetic batches, all in float64."""
+"""Shared fixtures: tiny models built from configs and synthetic batches, all in float64; the shared data."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 VOCAB = 61
 RTOL, ATOL = 1e-7, 1e-9
+REPO = Path(__file__).resolve().parents[1]
+# `shared/data` inside the checkout or next to it, None when neither exists.
+SHARED_DATA = next((p for p in (REPO / "shared" / "data", REPO.parent / "shared" / "data") if p.is_dir()), None)
 SIZES = {"vocab_size": VOCAB, "hidden": 16, "layers": 2, "heads": 2, "max_positions": 64}
 
 

@@ -10,7 +10,7 @@ import huggingface_hub.constants
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ATOL, RTOL
+from conftest import ATOL, RTOL, SHARED_DATA
 from datasets import Dataset, DatasetDict, IterableDataset
 from torch.utils.data import DataLoader
 
@@ -24,9 +24,6 @@ from hfinfluence.data import (
 )
 from hfinfluence.errors import DataFormatError, EmptyInputError, MissingColumnError, SourceNotFoundError
 from hfinfluence.models import tiny_gpt2, tiny_llama, tiny_tokenizer
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = next((p for p in (REPO / "shared" / "data", REPO.parent / "shared" / "data") if p.is_dir()), None)
 
 ROWS = [
     {"index": 0, "prompt": "what is one plus one ?", "completion": " two"},

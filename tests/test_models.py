@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import huggingface_hub.constants
 import pytest
 import torch
+from conftest import SHARED_DATA
 
 from hfinfluence import models
 from hfinfluence.data import CausalCollator, format_prompt_completion
@@ -21,9 +22,6 @@ from hfinfluence.models import (
     tiny_llama,
     tiny_tokenizer,
 )
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = next((p for p in (REPO / "shared" / "data", REPO.parent / "shared" / "data") if p.is_dir()), None)
 
 
 @pytest.fixture
