@@ -604,15 +604,14 @@ def fitted_curvature(engine: Influence, job: FilterJob, context: RunContext, can
 def set_target(engine: Influence, job: FilterJob, context: RunContext, target) -> None:
     """Give the engine the target direction: every target row read like the candidates, split over processes."""
     formatted = format_rows(context.formatter, target[:] if isinstance(target, Dataset) else _all_rows(target))
-    context.info["target"] = counts_of(formatted)
-    warn_read_counts("target", context.info["target"], job.read)
-    usable = [i for i, n in enumerate(formatted["num_loss_tokens"]) if n > 0]
-    if not usable:
-        raise EmptyInputError(
-            f"No target row keeps a labelled token within `--max-length` {job.read.max_length}; raise "
-            "`--max-length` or check the target's fields."
-        )
-    mine = [usable[i] for i in local_share(len(usable), context.state)]
+    _, mine = _labelled_rows(
+        formatted,
+        "target",
+        job,
+        context,
+        empty=f"No target row keeps a labelled token within `--max-length` {job.read.max_length}; raise "
+        "`--max-length` or check the target's fields.",
+    )
     engine.set_target(batch for _, batch in model_batches(formatted, mine, context.collator, job.batch_size))
 
 
@@ -620,17 +619,31 @@ def fit_engine(engine: Influence, job: FilterJob, context: RunContext, candidate
     """Fit the curvature on the seeded subset of ``job.fit_rows`` candidate rows, split over processes."""
     raw = take_fit_rows(candidates, job.fit_rows, job.influence.seed)
     formatted = format_rows(context.formatter, raw)
-    context.info["fit"] = counts_of(formatted)
-    warn_read_counts("fit", context.info["fit"], job.read)
-    usable = [i for i, n in enumerate(formatted["num_loss_tokens"]) if n > 0]
-    if not usable:
-        raise EmptyInputError(
-            f"None of the {len(formatted['input_ids'])} rows drawn to fit the curvature has a labelled token "
-            f"within `--max-length` {job.read.max_length}; raise `--max-length` or check the fields."
-        )
-    mine = [usable[i] for i in local_share(len(usable), context.state)]
+    usable, mine = _labelled_rows(
+        formatted,
+        "fit",
+        job,
+        context,
+        empty=f"None of the {len(formatted['input_ids'])} rows drawn to fit the curvature has a labelled token "
+        f"within `--max-length` {job.read.max_length}; raise `--max-length` or check the fields.",
+    )
     logger.info(f"Fitting the curvature on {len(usable)} candidate rows.")
     engine.fit(batch for _, batch in model_batches(formatted, mine, context.collator, job.batch_size))
+
+
+def _labelled_rows(
+    formatted: dict, stage: str, job: FilterJob, context: RunContext, *, empty: str
+) -> tuple[list[int], list[int]]:
+    """The rows of ``formatted`` with a labelled token, all and this process's share; counts go to ``info[stage]``.
+
+    Raises `EmptyInputError` with the message ``empty`` when no row has one.
+    """
+    context.info[stage] = counts_of(formatted)
+    warn_read_counts(stage, context.info[stage], job.read)
+    usable = [i for i, n in enumerate(formatted["num_loss_tokens"]) if n > 0]
+    if not usable:
+        raise EmptyInputError(empty)
+    return usable, [usable[i] for i in local_share(len(usable), context.state)]
 
 
 def _all_rows(dataset: IterableDataset) -> dict:
