@@ -30,6 +30,7 @@ INFLUENCE_FLAGS = (
     "sketch_dims",
     "sketch_budget",
     "epsilon",
+    "delta",
     "damping",
     "curvature",
     "loss_reduction",
@@ -126,6 +127,12 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"most sketch rows per side, λ rising per layer to fit ({defaults.sketch_budget}; 'none': no limit)",
     )
     group.add_argument("--epsilon", type=float, default=defaults.epsilon, help="target accuracy of the sizing rule")
+    group.add_argument(
+        "--delta",
+        type=float,
+        default=defaults.delta,
+        help=f"failure probability δ of the sizing rule ({defaults.delta:g}; 1 drops its ln 1/δ term)",
+    )
     group.add_argument("--damping", type=_damping, default="auto", help="'auto' (0.1 × mean eigenvalue) or λ")
     group.add_argument("--curvature", default=defaults.curvature, choices=["kfac", "ekfac", "identity"])
     group.add_argument("--loss-reduction", default=defaults.loss_reduction, choices=["sum", "mean"])

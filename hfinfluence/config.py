@@ -28,8 +28,10 @@ class InfluenceConfig:
         sketch_dims: ``"auto"`` (effective-dimension rule), one int for both sides, or ``(m_A, m_E)``.
             Sizes are capped at the layer's input/output width.
         epsilon: target relative accuracy of the sketched scores; the rule takes
-            ``m = ceil(sizing_constant * d_eff / epsilon**2)`` per side.
+            ``m = ceil(sizing_constant * (d_eff + ln(1 / delta)) / epsilon**2)`` per side.
         sizing_constant: the constant ``c`` of the rule above.
+        delta: failure probability δ of the rule's bound (0 < δ ≤ 1). Its ln(1/δ) term gives every sketched
+            side at least ``ceil(c · ln(1/δ) / ε²)`` rows (24 at the defaults); ``delta=1`` drops the term.
         damping: ridge λ added to the Kronecker product. ``"auto"`` = ``damping_factor`` × the mean
             eigenvalue of A ⊗ E, per layer. A float is used as is for every layer (0 allowed).
         damping_factor: multiplier of the mean eigenvalue used by ``damping="auto"``.
@@ -54,6 +56,7 @@ class InfluenceConfig:
     sketch_dims: Any = "auto"
     epsilon: float = 0.5
     sizing_constant: float = 2.0
+    delta: float = 0.05
     damping: Any = "auto"
     damping_factor: float = 0.1
     sketch_budget: int | None = 64
@@ -87,6 +90,9 @@ class InfluenceConfig:
             raise ConfigError(f"`epsilon` must be > 0, got {self.epsilon!r}.")
         if self.sketch_budget is not None and not (isinstance(self.sketch_budget, int) and self.sketch_budget >= 1):
             raise ConfigError(f"`sketch_budget` must be None or an int >= 1, got {self.sketch_budget!r}.")
+        if isinstance(self.delta, bool) or not (isinstance(self.delta, (int, float)) and 0 < self.delta <= 1):
+            raise ConfigError(f"`delta` must be in (0, 1], got {self.delta!r}.")
+        self.delta = float(self.delta)
         if not self.sizing_constant > 0:
             raise ConfigError(f"`sizing_constant` must be > 0, got {self.sizing_constant!r}.")
 

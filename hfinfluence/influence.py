@@ -321,6 +321,7 @@ class Influence:
                 floor=damping,
                 epsilon=config.epsilon,
                 constant=config.sizing_constant,
+                delta=config.delta,
             )
             self.damping_override[name] = damping
         eff_a, eff_e = factor_effective_dims(eig_a[0], eig_e[0], damping)
@@ -335,7 +336,9 @@ class Influence:
                 sides.append((None, width, factor, eig))
                 continue
             if config.sketch_dims == "auto":
-                m = rule_sketch_dim(effective, epsilon=config.epsilon, constant=config.sizing_constant, width=cap)
+                m = rule_sketch_dim(
+                    effective, epsilon=config.epsilon, constant=config.sizing_constant, width=cap, delta=config.delta
+                )
                 if m >= cap:  # the cap binds: keep the (pilot) space as it is, nothing to compress
                     sides.append((pilot, cap, factor, eig))
                     continue

@@ -6,8 +6,10 @@ Effective dimension of a PSD matrix with eigenvalues σ at ridge λ (Hu et al., 
 
 For a Kronecker factor pair the rule sizes each side separately at the rescaled ridge
 (ALGORITHMS.md §2): m_A from d_{λ/‖E‖}(A), m_E from d_{λ/‖A‖}(E), each ``ceil(c · d / ε²)`` capped at the
-layer's width. The eigenvalues of A ⊗ E are the products α_i γ_j, so d_λ(A ⊗ E) is exact without any
-d_in·d_out matrix.
+layer's width. In full the rule is ``ceil(c · (d + ln 1/δ) / ε²)`` with the bound's failure probability δ: the
+ln 1/δ term of m = O(ε⁻²(d_λ + log 1/δ)) keeps enough rows on a side whose effective dimension is tiny, where
+the variance of a handful of random rows would dominate. The eigenvalues of A ⊗ E are the products α_i γ_j, so
+d_λ(A ⊗ E) is exact without any d_in·d_out matrix.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
+
+from .errors import ConfigError
 
 
 def effective_dim(eigenvalues: torch.Tensor, damping: float) -> float:
@@ -48,9 +52,14 @@ def auto_damping(alpha: torch.Tensor, gamma: torch.Tensor, *, factor: float, dim
     return factor * float(alpha.sum()) * float(gamma.sum()) / (dim_a * dim_e)
 
 
-def rule_sketch_dim(effective: float, *, epsilon: float, constant: float, width: int) -> int:
-    """m = ceil(c · d_eff / ε²), at least 1, capped at ``width``."""
-    return int(min(width, max(1, math.ceil(constant * effective / epsilon**2))))
+def rule_rows(effective: float, *, epsilon: float, constant: float, delta: float = 1.0) -> int:
+    """Uncapped rows the rule asks for: ceil(c · (d_eff + ln 1/δ) / ε²), at least 1 (δ = 1 drops the log term)."""
+    return max(1, math.ceil(constant * (effective + math.log(1.0 / delta)) / epsilon**2))
+
+
+def rule_sketch_dim(effective: float, *, epsilon: float, constant: float, width: int, delta: float = 1.0) -> int:
+    """`rule_rows` capped at ``width``."""
+    return int(min(width, rule_rows(effective, epsilon=epsilon, constant=constant, delta=delta)))
 
 
 def _ratio(value: float) -> str:
@@ -66,18 +75,27 @@ def damping_for_budget(
     floor: float,
     epsilon: float,
     constant: float,
+    delta: float = 1.0,
 ) -> float:
     """The smallest λ ≥ ``floor`` at which the rule fits each side of the layer into ``budget`` rows.
 
     λ and m are chosen together (ALGORITHMS.md §4): the effective dimensions fall as λ grows, so a bisection
     in log λ finds where ceil(c · d / ε²) ≤ budget on both sides. A side no wider than the budget needs no
-    sketch and never constrains λ.
+    sketch and never constrains λ. A budget below the rule's floor (its rows at d = 0) cannot be met by any λ
+    and raises `ConfigError`.
     """
+    lowest = rule_rows(0.0, epsilon=epsilon, constant=constant, delta=delta)
+    if lowest > budget and max(widths) > budget:
+        raise ConfigError(
+            f"sketch_budget={budget} is below the rule's smallest sketch, ceil(c · ln(1/δ) / ε²) = {lowest} rows "
+            f"(c={constant:g}, δ={delta:g}, ε={epsilon:g}); raise `sketch_budget` to at least {lowest}, or raise "
+            "`epsilon` or `delta`."
+        )
 
     def fits(damping: float) -> bool:
         effective = factor_effective_dims(alpha, gamma, damping)
         for d, width in zip(effective, widths, strict=True):
-            if width > budget and math.ceil(constant * d / epsilon**2) > budget:
+            if width > budget and rule_rows(d, epsilon=epsilon, constant=constant, delta=delta) > budget:
                 return False
         return True
 

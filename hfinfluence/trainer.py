@@ -74,8 +74,9 @@ class InfluenceTrainingArguments(TrainingArguments):
     ``global_selection``, ``training_pass``. Schedule: ``selection_warmup_steps``, ``curvature_refresh_steps``,
     ``target_refresh_steps``, ``curvature_fit_examples``. Tracking: ``group_column``, ``table_log_steps``,
     ``table_rows``, ``log_target_loss``, ``score_baseline``, ``record_selections``. Engine: ``modules``,
-    ``sketch``, ``sketch_dims``, ``epsilon``, ``sizing_constant``, ``damping``, ``damping_factor``,
-    ``sketch_budget``, ``curvature``, ``influence_seed`` (the engine's ``seed``; defaults to ``seed``),
+    ``sketch``, ``sketch_dims``, ``epsilon``, ``sizing_constant``, ``sizing_delta`` (the engine's ``delta``),
+    ``damping``, ``damping_factor``, ``sketch_budget``, ``curvature``, ``influence_seed`` (the engine's ``seed``;
+    defaults to ``seed``),
     ``loss_reduction``, ``factor_dtype``, ``exact_factor_limit``, ``allow_shared``.
 
     >>> args = InfluenceTrainingArguments("out", selection="filter", buffer_multiplier=4)  # doctest: +SKIP
@@ -130,7 +131,10 @@ class InfluenceTrainingArguments(TrainingArguments):
     )
     epsilon: float = _help("Engine: target relative accuracy of the sketched scores.", default=InfluenceConfig.epsilon)
     sizing_constant: float = _help(
-        "Engine: the constant c of m = ceil(c · d_eff / ε²).", default=InfluenceConfig.sizing_constant
+        "Engine: the constant c of m = ceil(c · (d_eff + ln 1/δ) / ε²).", default=InfluenceConfig.sizing_constant
+    )
+    sizing_delta: float = _help(
+        "Engine: failure probability δ of the sizing rule (1 drops its ln 1/δ term).", default=InfluenceConfig.delta
     )
     damping: str = _help("Engine: 'auto' or a float ridge λ.", default=InfluenceConfig.damping)
     damping_factor: float = _help(
@@ -206,6 +210,7 @@ class InfluenceTrainingArguments(TrainingArguments):
             sketch_dims=_parse_sketch_dims(self.sketch_dims),
             epsilon=self.epsilon,
             sizing_constant=self.sizing_constant,
+            delta=self.sizing_delta,
             damping=_parse_damping(self.damping),
             damping_factor=self.damping_factor,
             sketch_budget=self.sketch_budget,

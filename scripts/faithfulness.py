@@ -90,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     grid.add_argument("--sizes", default="4,8,16,32,64,128,256", help="equal-sides sketch sizes m_A = m_E")
     grid.add_argument("--seeds", type=int, default=3, help="sketch seeds 0 … seeds-1")
     grid.add_argument("--epsilons", default="0.25,0.5,1,2,4", help="ε values of the rule's sizes")
-    grid.add_argument("--budgets", default="16,32,64,128,256", help="sketch_budget values (at the default ε)")
+    grid.add_argument("--budgets", default="32,64,96,128,256", help="sketch_budget values (at the default ε)")
     grid.add_argument(
         "--grid-factors", default="0.01,0.1,1,10,100", help="damping factors the equal-sides grid is scored at"
     )
@@ -433,15 +433,17 @@ def layer_stats(basis: Basis, damping: float) -> dict:
     }
 
 
-def rule_sizes(bases: dict[str, Basis], dampings: dict[str, float], *, epsilon: float, constant: float) -> dict:
-    """The engine's auto sizes: ceil(c·d/ε²) per side; None where the width cap binds (side left unsketched)."""
+def rule_sizes(
+    bases: dict[str, Basis], dampings: dict[str, float], *, epsilon: float, constant: float, delta: float
+) -> dict:
+    """The engine's auto sizes: ceil(c·(d + ln 1/δ)/ε²) per side; None where the width cap binds (left unsketched)."""
     sizes = {}
     for name, basis in bases.items():
         pair = []
         for effective, width in zip(
             factor_effective_dims(basis.alpha, basis.gamma, dampings[name]), basis.widths, strict=True
         ):
-            m = rule_sketch_dim(effective, epsilon=epsilon, constant=constant, width=width)
+            m = rule_sketch_dim(effective, epsilon=epsilon, constant=constant, width=width, delta=delta)
             pair.append(None if m >= width else m)
         sizes[name] = tuple(pair)
     return sizes
@@ -452,10 +454,17 @@ def equal_sizes(bases: dict[str, Basis], m: int) -> dict:
     return {name: (min(m, b.widths[0]), min(m, b.widths[1])) for name, b in bases.items()}
 
 
-def budget_dampings(bases, peer: dict[str, float], *, budget: int, epsilon: float, constant: float) -> dict:
+def budget_dampings(bases, peer: dict[str, float], *, budget: int, epsilon: float, constant: float, delta: float):
     return {
         name: damping_for_budget(
-            b.alpha, b.gamma, budget=budget, widths=b.widths, floor=peer[name], epsilon=epsilon, constant=constant
+            b.alpha,
+            b.gamma,
+            budget=budget,
+            widths=b.widths,
+            floor=peer[name],
+            epsilon=epsilon,
+            constant=constant,
+            delta=delta,
         )
         for name, b in bases.items()
     }
@@ -570,7 +579,15 @@ def damping_sets(bases: dict[str, Basis], args) -> dict[str, dict[str, float]]:
     default = InfluenceConfig()
     for budget in ints(args.budgets):
         sets[f"budget@{budget}"] = budget_dampings(
-            bases, sets[PEER], budget=budget, epsilon=default.epsilon, constant=default.sizing_constant
+            bases,
+            sets[PEER],
+            budget=budget,
+            epsilon=default.epsilon,
+            constant=default.sizing_constant,
+            delta=default.delta,
+        )
+        sets[f"budget@{budget},delta=1"] = budget_dampings(
+            bases, sets[PEER], budget=budget, epsilon=default.epsilon, constant=default.sizing_constant, delta=1.0
         )
     return sets
 
@@ -584,13 +601,24 @@ def sketch_configs(bases: dict[str, Basis], sets: dict, args) -> list[SketchConf
             for m in ints(args.sizes):
                 configs.append(SketchConfig("equal", family, seed, equal_sizes(bases, m), grid_sets, m=m))
             for epsilon in floats(args.epsilons):
-                sizes = rule_sizes(bases, sets[PEER], epsilon=epsilon, constant=default.sizing_constant)
+                sizes = rule_sizes(
+                    bases, sets[PEER], epsilon=epsilon, constant=default.sizing_constant, delta=default.delta
+                )
                 configs.append(SketchConfig("rule", family, seed, sizes, [PEER], epsilon=epsilon))
             for budget in ints(args.budgets):
                 key = f"budget@{budget}"
-                sizes = rule_sizes(bases, sets[key], epsilon=default.epsilon, constant=default.sizing_constant)
+                sizes = rule_sizes(
+                    bases, sets[key], epsilon=default.epsilon, constant=default.sizing_constant, delta=default.delta
+                )
                 configs.append(
                     SketchConfig("budget", family, seed, sizes, [key], epsilon=default.epsilon, budget=budget)
+                )
+                key = f"budget@{budget},delta=1"  # the rule without its ln 1/δ term, for comparison
+                sizes = rule_sizes(
+                    bases, sets[key], epsilon=default.epsilon, constant=default.sizing_constant, delta=1.0
+                )
+                configs.append(
+                    SketchConfig("budget_delta1", family, seed, sizes, [key], epsilon=default.epsilon, budget=budget)
                 )
     return configs
 
@@ -621,7 +649,8 @@ def compare_rankings(exact: dict[str, Scored], sets: dict, bases: dict[str, Basi
         if key in sets and key != "kfac@0":
             dampings = sets[key]
             ratios = [dampings[n] / sets[PEER][n] for n in bases]
-            sizes = rule_sizes(bases, dampings, epsilon=default.epsilon, constant=default.sizing_constant)
+            delta = 1.0 if key.endswith(",delta=1") else default.delta
+            sizes = rule_sizes(bases, dampings, epsilon=default.epsilon, constant=default.sizing_constant, delta=delta)
             summary = size_summary(bases, sizes, dampings)
             row.update(
                 damping_ratio_median=statistics.median(ratios),
@@ -680,11 +709,13 @@ def sizing_tables(bases: dict[str, Basis], sets: dict, args) -> dict:
     """Per-layer effective dimensions and auto sizes at each ε (peer λ) and each budget (default ε)."""
     default, tables = InfluenceConfig(), {}
     for epsilon in floats(args.epsilons):
-        sizes = rule_sizes(bases, sets[PEER], epsilon=epsilon, constant=default.sizing_constant)
+        sizes = rule_sizes(bases, sets[PEER], epsilon=epsilon, constant=default.sizing_constant, delta=default.delta)
         tables[f"epsilon={epsilon:g}"] = size_summary(bases, sizes, sets[PEER])
     for budget in ints(args.budgets):
         key = f"budget@{budget}"
-        sizes = rule_sizes(bases, sets[key], epsilon=default.epsilon, constant=default.sizing_constant)
+        sizes = rule_sizes(
+            bases, sets[key], epsilon=default.epsilon, constant=default.sizing_constant, delta=default.delta
+        )
         tables[f"budget={budget}"] = size_summary(bases, sizes, sets[key])
     return tables
 
@@ -705,8 +736,10 @@ def engine_check(model, raw: tuple[Captured, Captured], batches: tuple[list, lis
     cand, targ = rotate(cand_raw, bases, in_place=False), rotate(targ_raw, bases, in_place=False)
     peer = {n: b.peer_damping() for n, b in bases.items()}
     default = InfluenceConfig()
-    dampings = budget_dampings(bases, peer, budget=budget, epsilon=default.epsilon, constant=default.sizing_constant)
-    sizes = rule_sizes(bases, dampings, epsilon=default.epsilon, constant=default.sizing_constant)
+    dampings = budget_dampings(
+        bases, peer, budget=budget, epsilon=default.epsilon, constant=default.sizing_constant, delta=default.delta
+    )
+    sizes = rule_sizes(bases, dampings, epsilon=default.epsilon, constant=default.sizing_constant, delta=default.delta)
     exact = exact_scores(cand, targ, {"peer": kfac_weights(bases, peer), "budget": kfac_weights(bases, dampings)})[0]
     ours = sketched_scores(cand, targ, bases, exact, "gaussian", 0, sizes, {"budget": dampings})["budget"]
 
@@ -1050,6 +1083,8 @@ def write_tables(results: dict, folder: Path) -> str:
         "## Rule sizes at several ε (peer λ)\n\n" + faithfulness_table(results, "rule", "epsilon"),
         "## Rule sizes under a sketch budget (ε = 0.5, λ raised)\n\n"
         + faithfulness_table(results, "budget", "budget"),
+        "## The same without the rule's ln 1/δ term (δ = 1)\n\n"
+        + faithfulness_table(results, "budget_delta1", "budget"),
         "## Equal sides m × m (peer λ)\n\n" + faithfulness_table(results, "equal", "m"),
         "## ε₉₅ with the φ₀ = gᵀF⁺g normaliser (equal sides, peer λ)\n\n"
         + faithfulness_table(results, "equal", "m", metrics=("eps95",)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -137,7 +138,8 @@ def test_auto_sizes_follow_the_rule_and_shrink_with_epsilon():
     loose = fitted(model, epsilon=4.0, damping_factor=1.0).sizing()
     tight = fitted(model, epsilon=1.0, damping_factor=1.0).sizing()
     for lo, hi in zip(loose, tight, strict=True):
-        expected = min(lo.d_in, max(1, int(torch.tensor(2.0 * lo.effective_dim_a / 16.0).ceil())))
+        log_term = math.log(1 / InfluenceConfig.delta)  # the rule's ln 1/δ, at the default δ
+        expected = min(lo.d_in, max(1, math.ceil(2.0 * (lo.effective_dim_a + log_term) / 16.0)))
         assert lo.sketch_dim_a == expected
         assert lo.sketch_dim_a <= hi.sketch_dim_a and lo.sketch_dim_e <= hi.sketch_dim_e
     assert sum(r.sketch_dim_a * r.sketch_dim_e for r in loose) < sum(r.d_in * r.d_out for r in loose)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hfinfluence import Influence, InfluenceConfig
+from hfinfluence.errors import ConfigError
 from hfinfluence.sizing import damping_for_budget, effective_dim, factor_effective_dims, rule_sketch_dim
 
 ALPHA = torch.logspace(0, -4, 64, dtype=torch.float64)
@@ -59,7 +60,31 @@ def test_engine_budget_sizes_every_layer_within_budget(llama):
     for before, after in zip(plain, budgeted, strict=True):
         assert after.sketch_dim_a <= 6 and after.sketch_dim_e <= 6
         assert after.damping >= before.damping
-        assert after.sketch_dim_a == min(after.d_in, math.ceil(2.0 * after.effective_dim_a))
+        floor_term = math.log(1 / InfluenceConfig.delta)
+        assert after.sketch_dim_a == min(after.d_in, math.ceil(2.0 * (after.effective_dim_a + floor_term)))
+
+
+def test_log_term_sets_a_floor_and_delta_one_drops_it():
+    assert rule_sketch_dim(0.0, epsilon=0.5, constant=2.0, width=10**6, delta=0.05) == math.ceil(8 * math.log(20))
+    assert rule_sketch_dim(3.0, epsilon=0.5, constant=2.0, width=10**6, delta=1.0) == rule(3.0) == 24
+    sizes = [rule_sketch_dim(2.0, epsilon=0.5, constant=2.0, width=10**6, delta=d) for d in (0.001, 0.01, 0.1, 1.0)]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
+
+
+def test_budget_below_the_rule_floor_is_refused_with_the_minimum():
+    with pytest.raises(ConfigError, match=r"sketch_budget=16 .* 24 rows"):
+        damping_for_budget(ALPHA, GAMMA, budget=16, widths=(64, 48), floor=1e-8, epsilon=0.5, constant=2.0, delta=0.05)
+    # the same budget is fine when no side is wider than it, or once the log term is dropped
+    assert damping_for_budget(
+        ALPHA, GAMMA, budget=64, widths=(64, 48), floor=1e-3, epsilon=0.5, constant=2.0, delta=0.05
+    )
+    assert damping_for_budget(ALPHA, GAMMA, budget=16, widths=(64, 48), floor=1e-8, epsilon=0.5, constant=2.0) > 1e-8
+
+
+@pytest.mark.parametrize("delta", [0.0, -0.1, 1.5, True])
+def test_delta_is_validated(delta):
+    with pytest.raises(ConfigError, match="delta"):
+        InfluenceConfig(delta=delta)
 
 
 def test_exact_scores_keep_the_plain_damping(llama):

@@ -320,17 +320,19 @@ def test_bad_datasets_fail_before_training(tmp_path):
 
 
 def test_arguments_mirror_every_engine_config_field(tmp_path):
-    """Every `InfluenceConfig` field is a training argument (the engine's `seed` is `influence_seed`)."""
+    """Every `InfluenceConfig` field is a training argument (the engine's `seed` is `influence_seed`, its
+    `delta` is `sizing_delta`)."""
     import dataclasses
 
     from hfinfluence import InfluenceConfig
 
-    names = {f.name for f in dataclasses.fields(InfluenceConfig)} - {"seed"}
+    names = {f.name for f in dataclasses.fields(InfluenceConfig)} - {"seed", "delta"}
     args = make_args(tmp_path, sketch_dims="6,8", damping="0.01", influence_seed=7, curvature="identity")
     assert names <= {f.name for f in dataclasses.fields(InfluenceTrainingArguments)}
     config = args.influence_config()
     assert (config.sketch_dims, config.damping, config.seed, config.curvature) == ((6, 8), 0.01, 7, "identity")
     assert make_args(tmp_path, seed=3).influence_config().seed == 3
+    assert make_args(tmp_path, sizing_delta=0.2).influence_config().delta == 0.2
 
 
 @pytest.mark.parametrize("curvature", ["ekfac", "identity"])
