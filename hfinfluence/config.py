@@ -47,6 +47,9 @@ class InfluenceConfig:
         factor_dtype: accumulation dtype of factors and sketched gradients (``"float32"`` or ``"float64"``).
         exact_factor_limit: widths up to this are sized from their exact factors; wider ones from a
             pilot Gaussian sketch of this size.
+        seed_check: after each change of target or curvature, score this many candidates also through a
+            second sketch with another seed and report how much the two agree (`Influence.seed_check`); 0
+            turns it off. It costs a second set of sketched factors and one more projection per pass.
         allow_shared: track modules that are tied to another or called several times per pass (their
             calls are summed as extra tokens) instead of refusing them.
     """
@@ -65,6 +68,7 @@ class InfluenceConfig:
     loss_reduction: str = "sum"
     factor_dtype: str = "float32"
     exact_factor_limit: int = 4096
+    seed_check: int = 64
     allow_shared: bool = False
 
     def __post_init__(self):
@@ -93,6 +97,8 @@ class InfluenceConfig:
         if isinstance(self.delta, bool) or not (isinstance(self.delta, (int, float)) and 0 < self.delta <= 1):
             raise ConfigError(f"`delta` must be in (0, 1], got {self.delta!r}.")
         self.delta = float(self.delta)
+        if isinstance(self.seed_check, bool) or not (isinstance(self.seed_check, int) and self.seed_check >= 0):
+            raise ConfigError(f"`seed_check` must be an int >= 0 (0 = off), got {self.seed_check!r}.")
         if not self.sizing_constant > 0:
             raise ConfigError(f"`sizing_constant` must be > 0, got {self.sizing_constant!r}.")
 

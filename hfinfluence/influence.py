@@ -41,7 +41,15 @@ from .curvature import (
     rotated_squares,
 )
 from .errors import ConfigMismatchError, EmptyInputError, NotFittedError
-from .leakage import LEAKAGE_WARNING, LeakageReport, gradient_energy, kernel_energy, kernel_parts, null_basis
+from .leakage import (
+    LEAKAGE_WARNING,
+    LeakageReport,
+    SeedCheck,
+    gradient_energy,
+    kernel_energy,
+    kernel_parts,
+    null_basis,
+)
 from .logs import get_logger
 from .losses import labelled_examples, per_example_loss
 from .memory import MemoryPlan, plan_memory
@@ -132,6 +140,11 @@ class Influence:
         self.leakage_report: LeakageReport | None = None
         self.pending: dict[str, FactorSums] = {}
         self.damping_override: dict[str, float] = {}  # per-layer λ chosen with the sketch size (sketch_budget)
+        # the seed check: a twin engine whose sketches have another seed, fed from the same passes
+        self.shadow: Influence | None = None
+        self.seed_check: SeedCheck | None = None
+        self._probes: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._warned: set[str] = set()  # each kind of diagnostic warning is logged once per engine
 
     # ------------------------------------------------------------------ passes
 
@@ -209,10 +222,18 @@ class Influence:
         if self.config.curvature == "ekfac":
             batches = list(batches)  # a second pass refits the eigenvalues in the new eigenbases
         first = not self.layers
+        if first and self.config.seed_check and self.config.sketch != "none":
+            self.shadow = Influence(
+                self.model, dataclasses.replace(self.config, seed=self.config.seed + 1, seed_check=0)
+            )
+            self.shadow.damping_override = self.damping_override
         bases = self._sizing_bases() if first else None
         sums = {name: self._zero_sums(name, bases) for name in self.tracked}
+        twin = {} if first or self.shadow is None else {name: self.shadow._zero_sums(name, None) for name in sums}
 
         def accumulate(info, a, e):
+            if info.name in twin:
+                twin[info.name].add(*self._sketch(self.shadow.layers[info.name], a, e))
             if first:
                 a, e = _project(a.to(self.dtype), bases[info.name][0]), _project(e.to(self.dtype), bases[info.name][1])
             else:
@@ -222,7 +243,7 @@ class Influence:
         for batch in self._batches(batches, "batches", "fit curvature"):
             inputs, calls = self._run(batch, accumulate)
             tokens, examples = inputs["attention_mask"].sum(), int(inputs["valid"].sum())
-            for name, s in sums.items():
+            for name, s in [*sums.items(), *twin.items()]:
                 s.add_counts(tokens * max(calls.get(name, 0), 1), examples)
 
         for name in list(sums):
@@ -233,36 +254,52 @@ class Influence:
                 self.curvature[name] = self._resolve_layer(self.tracked[name], activation, gradient, bases[name])
             else:
                 self.curvature[name] = self._decompose(name, activation, gradient)
+                if name in twin:
+                    twin[name].all_reduce_()
+                    damping = self.curvature[name].damping
+                    self.shadow.curvature[name] = self.shadow._decompose(
+                        name, *twin.pop(name).factors(), damping=damping
+                    )
         if self.config.curvature == "ekfac":
             self._fit_eigenvalue_correction(batches)
         if self.target_gradient is not None:
             self._precondition_target()
+        self._restart_seed_check()
         return self
 
     def _fit_eigenvalue_correction(self, batches: list[Mapping]) -> None:
         """EK-FAC: Λ = mean over examples of (U_Eᵀ S_i U_A)², replacing the products γ_j α_i (ALGORITHMS.md §2)."""
-        sums = {
-            n: torch.zeros(lay.sketch_dim_e, lay.sketch_dim_a, dtype=self.dtype, device=self.device)
-            for n, lay in self.layers.items()
-        }
+        engines = [self] if self.shadow is None else [self, self.shadow]
+        sums = [
+            {
+                n: torch.zeros(lay.sketch_dim_e, lay.sketch_dim_a, dtype=self.dtype, device=self.device)
+                for n, lay in engine.layers.items()
+            }
+            for engine in engines
+        ]
 
         def accumulate(info, a, e):
-            pa, pe = self._sketch(self.layers[info.name], a, e)
-            curv = self.curvature[info.name]
-            sums[info.name] += rotated_squares(torch.einsum("bte,bta->bea", pe, pa), curv.eigvecs_a, curv.eigvecs_e)
+            for engine, totals in zip(engines, sums, strict=True):
+                pa, pe = self._sketch(engine.layers[info.name], a, e)
+                curv = engine.curvature[info.name]
+                grads = torch.einsum("bte,bta->bea", pe, pa)
+                totals[info.name] += rotated_squares(grads, curv.eigvecs_a, curv.eigvecs_e)
 
         examples = torch.zeros((), dtype=self.dtype, device=self.device)
         for batch in self._batches(batches, "batches", "eigenvalue correction"):
             inputs, _ = self._run(batch, accumulate)
             examples += inputs["valid"].sum()
-        _all_reduce([*sums.values(), examples])
-        for name, total in sums.items():
+        _all_reduce([*(t for totals in sums for t in totals.values()), examples])
+        for name, total in sums[0].items():
             self.curvature[name] = self._corrected(name, self.curvature[name], total / examples)
+            if self.shadow is not None:
+                curv, damping = self.shadow.curvature[name], self.curvature[name].damping
+                self.shadow.curvature[name] = self.shadow._corrected(name, curv, sums[1][name] / examples, damping)
 
-    def _corrected(self, name: str, curv: LayerCurvature, corrected: torch.Tensor) -> LayerCurvature:
+    def _corrected(self, name: str, curv: LayerCurvature, corrected: torch.Tensor, damping=None) -> LayerCurvature:
         check_finite(corrected, what="corrected eigenvalues", module=name)
         info = self.tracked[name]
-        damping = self.config.damping
+        damping = self.config.damping if damping is None else damping
         if damping == "auto":  # the mean eigenvalue in full space: the corrected entries sum to tr(F)
             damping = self.config.damping_factor * float(corrected.sum()) / (info.d_in * info.d_out)
         scale = inverse_eigenvalues(corrected.to(torch.float64), damping).to(self.dtype)
@@ -326,7 +363,7 @@ class Influence:
             self.damping_override[name] = damping
         eff_a, eff_e = factor_effective_dims(eig_a[0], eig_e[0], damping)
 
-        sides = []
+        sides, twin_sides = [], {}
         for side, factor, eig, effective, width, pilot in (
             ("A", activation, eig_a, eff_a, info.d_in, bases[0]),
             ("E", gradient, eig_e, eff_e, info.d_out, bases[1]),
@@ -347,8 +384,13 @@ class Influence:
             inner = self._module_sketch(name, side, m, cap)
             full = inner if pilot is None else inner @ pilot
             sides.append((full, m, inner @ factor @ inner.T, None))
+            if self.shadow is not None:  # the twin sketches the same (pilot-space) factor with its own seed
+                inner = self.shadow._module_sketch(name, side, m, cap)
+                full = inner if pilot is None else inner @ pilot
+                twin_sides[side] = (full, m, inner @ factor @ inner.T, None)
 
         (sketch_a, m_a, activation, known_a), (sketch_e, m_e, gradient, known_e) = sides
+
         self.layers[name] = LayerSketch(
             info,
             sketch_a,
@@ -363,11 +405,23 @@ class Influence:
             null_a=null_basis(*eig_a),
             null_e=null_basis(*eig_e),
         )
-        return self._decompose(name, activation, gradient, known=(known_a, known_e))
+        curv = self._decompose(name, activation, gradient, known=(known_a, known_e))
+        if self.shadow is not None:
+            (twin_a, _, twin_act, twin_known_a), (twin_e, _, twin_grad, twin_known_e) = (
+                twin_sides.get(side, same) for side, same in zip("AE", sides, strict=True)
+            )
+            self.shadow.layers[name] = LayerSketch(info, twin_a, twin_e, m_a, m_e)
+            self.shadow.curvature[name] = self.shadow._decompose(
+                name, twin_act, twin_grad, known=(twin_known_a, twin_known_e), damping=curv.damping
+            )
+        return curv
 
-    def _decompose(self, name: str, activation: torch.Tensor, gradient: torch.Tensor, known=(None, None)):
-        """Eigenbases and inverse scale of one layer's sketched factors (``known`` reuses decompositions)."""
-        damping = self._damping(name, activation, gradient)
+    def _decompose(
+        self, name: str, activation: torch.Tensor, gradient: torch.Tensor, known=(None, None), damping=None
+    ) -> LayerCurvature:
+        """Eigenbases and inverse scale of one layer's sketched factors (``known`` reuses decompositions;
+        ``damping`` replaces the configured λ, as the seed check's twin takes the engine's)."""
+        damping = self._damping(name, activation, gradient) if damping is None else damping
         if self.config.curvature == "identity":
             m_a, m_e = activation.shape[0], gradient.shape[0]
             eye_a = torch.eye(m_a, dtype=torch.float64, device=activation.device)
@@ -443,6 +497,7 @@ class Influence:
             for name, lay in self.layers.items()
         }
 
+        twin = {} if self.shadow is None else {name: torch.zeros_like(total) for name, total in sums.items()}
         kernel = {name: [None, None, None] for name in self.layers}
         energies: list[torch.Tensor] = []
 
@@ -450,6 +505,9 @@ class Influence:
             layer = self.layers[info.name]
             pa, pe = self._sketch(layer, a, e)
             sums[info.name] += torch.einsum("bte,bta->ea", pe, pa)
+            if twin:
+                pa, pe = self._sketch(self.shadow.layers[info.name], a, e)
+                twin[info.name] += torch.einsum("bte,bta->ea", pe, pa)
             self._accumulate_kernel(layer, a, e, kernel[info.name], energies)
 
         examples = torch.zeros((), dtype=self.dtype, device=self.device)
@@ -458,11 +516,14 @@ class Influence:
             inputs, _ = self._run(batch, accumulate)
             energies[-1] = energies[-1][:, inputs["valid"]]
             examples += inputs["valid"].sum()
-        _all_reduce([*sums.values(), examples])
+        _all_reduce([*sums.values(), *twin.values(), examples])
         self.target_examples = int(examples)
         self.target_gradient = {name: s / examples for name, s in sums.items()}
+        if twin:
+            self.shadow.target_gradient = {name: s / examples for name, s in twin.items()}
         self.leakage_report = self._leakage_report(kernel, examples, torch.cat(energies, dim=1))
         self._precondition_target()
+        self._restart_seed_check()
         return self
 
     def _accumulate_kernel(self, layer: LayerSketch, a, e, kernel_sums: list, energies: list) -> None:
@@ -490,13 +551,16 @@ class Influence:
         per_example = (energies[0].clamp(min=0) / energies[1].clamp(min=1e-300)).clamp(max=1).sqrt()
         report = LeakageReport(layers, (outside / inside) ** 0.5 if inside > 0 else 0.0, per_example.cpu())
         if report.total > LEAKAGE_WARNING:
-            logger.warning(
+            self._warn_once(
+                "leakage",
                 f"{report}. Sketched scores pick up noise from this part: raise `damping` or the sketch size, or "
-                "fit the curvature on data that covers the target's inputs (e.g. add target-like rows to `fit`)."
+                "fit the curvature on data that covers the target's inputs (e.g. add target-like rows to `fit`).",
             )
         return report
 
     def _precondition_target(self) -> None:
+        if self.shadow is not None and self.shadow.target_gradient is not None:
+            self.shadow._precondition_target()
         self.target = {}
         for name, gradient in self.target_gradient.items():
             curv = self.curvature[name]
@@ -512,16 +576,54 @@ class Influence:
         """
         if self.target is None:
             raise NotFittedError("Call `set_target(batches)` before `score`.")
-        scores = None
+        scores, probing = {}, self._probing()
 
         def accumulate(info, a, e):
-            nonlocal scores
-            pa, pe = self._sketch(self.layers[info.name], a, e)
-            part = ((pe @ self.target[info.name]) * pa).sum(dim=(1, 2))
-            scores = part if scores is None else scores + part
+            self._score_layer(scores, info.name, a, e, probing)
 
-        self._run(batch, accumulate)
-        return scores.detach().cpu()
+        inputs, _ = self._run(batch, accumulate)
+        if probing:
+            self._add_probes(scores["engine"], scores["twin"], inputs["valid"])
+        return scores["engine"].detach().cpu()
+
+    def _score_layer(self, scores: dict, name: str, a, e, probing: bool) -> None:
+        """Add one layer's part of the scores (and of the seed check's twin scores when ``probing``)."""
+        engines = (("engine", self), ("twin", self.shadow)) if probing else (("engine", self),)
+        for key, engine in engines:
+            pa, pe = self._sketch(engine.layers[name], a, e)
+            part = ((pe @ engine.target[name]) * pa).sum(dim=(1, 2))
+            scores[key] = part if key not in scores else scores[key] + part
+
+    # ------------------------------------------------------------------ seed check
+
+    def _restart_seed_check(self) -> None:
+        """The target or the curvature changed: the next scored candidates are compared afresh."""
+        self._probes, self.seed_check = [], None
+
+    def _probing(self) -> bool:
+        return (
+            self.shadow is not None
+            and self.shadow.target is not None
+            and sum(p[0].numel() for p in self._probes) < self.config.seed_check
+        )
+
+    def _add_probes(self, scores: torch.Tensor, twin: torch.Tensor, valid: torch.Tensor) -> None:
+        """Keep the labelled candidates' two scores; update `seed_check`, warning once when the probe is full."""
+        self._probes.append((scores.detach()[valid].cpu(), twin.detach()[valid].cpu()))
+        first, second = (torch.cat(parts)[: self.config.seed_check] for parts in zip(*self._probes, strict=True))
+        self.seed_check = SeedCheck.from_scores(first, second)
+        if self.seed_check.examples >= self.config.seed_check and self.seed_check.worrying:
+            self._warn_once(
+                "seed",
+                f"Sketched scores depend on the sketch seed ({self.seed_check}). Raise `sketch_budget` or "
+                "`sketch_dims` (or lower `epsilon`), or raise `damping`.",
+            )
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        """Log a diagnostic warning the first time it fires; later values stay in `leakage_report` / `seed_check`."""
+        if kind not in self._warned:
+            self._warned.add(kind)
+            logger.warning(message + " (warned once; later values are in `leakage_report` and `seed_check`)")
 
     def pairwise(self, train_batches: Iterable[Mapping], query_batches: Iterable[Mapping]) -> torch.Tensor:
         """Score matrix [n_train, n_query]: entry (i, j) = g_queryjᵀ (F + λI)⁻¹ g_traini.
@@ -576,13 +678,17 @@ class Influence:
                 "cannot be refreshed from observed passes; refresh it with `fit(batches)` instead."
             )
 
+        probing = score and self._probing()
+        scores: dict[str, torch.Tensor] = {}
+
         def callback(info, a, e):
-            pa, pe = self._sketch(self.layers[info.name], a, e)
             if score:
-                part = ((pe @ self.target[info.name]) * pa).sum(dim=(1, 2))
-                observation.scores = part if observation.scores is None else observation.scores + part
+                self._score_layer(scores, info.name, a, e, probing)
+                observation.scores = scores["engine"]
             if accumulate_curvature:
-                self._pending_sums(info.name).add(pa, pe)
+                self._pending_sums(info.name).add(*self._sketch(self.layers[info.name], a, e))
+                if self.shadow is not None:
+                    self.shadow._pending_sums(info.name).add(*self._sketch(self.shadow.layers[info.name], a, e))
 
         capture = GradientCapture(self.tracked, callback, allow_shared=self.config.allow_shared)
         observation = Observation(capture)
@@ -590,10 +696,14 @@ class Influence:
             capture.set_token_mask(attention_mask)
             yield observation
             calls = dict(capture.calls)
+        if probing and "engine" in scores:
+            self._add_probes(scores["engine"], scores["twin"], labelled_examples(labels).to(scores["engine"].device))
         if accumulate_curvature:
             tokens, examples = attention_mask.sum(), int(labelled_examples(labels).sum())
-            for name in self.layers:
-                self._pending_sums(name).add_counts(tokens * max(calls.get(name, 0), 1), examples)
+            engines = [self] if self.shadow is None else [self, self.shadow]
+            for engine in engines:
+                for name in self.layers:
+                    engine._pending_sums(name).add_counts(tokens * max(calls.get(name, 0), 1), examples)
 
     def _pending_sums(self, name: str) -> FactorSums:
         if name not in self.pending:
@@ -614,9 +724,15 @@ class Influence:
         for name, sums in self.pending.items():
             sums.all_reduce_()
             self.curvature[name] = self._decompose(name, *sums.factors())
+            if self.shadow is not None:
+                twin = self.shadow.pending.pop(name)
+                twin.all_reduce_()
+                damping = self.curvature[name].damping
+                self.shadow.curvature[name] = self.shadow._decompose(name, *twin.factors(), damping=damping)
         self.pending = {}
         if self.target_gradient is not None:
             self._precondition_target()
+        self._restart_seed_check()
         return True
 
     # ------------------------------------------------------------------ sizing
@@ -655,6 +771,10 @@ class Influence:
                     self.leakage_report.layers.get(name, float("nan")) if self.leakage_report else float("nan"),
                 )
             )
+        if self.leakage_report is not None:
+            table.notes.append(str(self.leakage_report))
+        if self.seed_check is not None:
+            table.notes.append(str(self.seed_check))
         return table
 
     def memory_plan(self, *, batch_size: int = 8, tokens: int = 512, queries: int = 0) -> MemoryPlan:
@@ -673,6 +793,9 @@ class Influence:
             dims = [(min(self.config.sketch_dims[0], a), min(self.config.sketch_dims[1], e)) for a, e in widths]
         factor_bytes = torch.finfo(self.dtype).bits // 8
         known = bool(self.layers) or self.config.sketch_dims != "auto" or self.config.sketch == "none"
+        checked = (
+            self.shadow is not None if self.layers else bool(self.config.seed_check) and self.config.sketch != "none"
+        )
         return plan_memory(
             widths,
             dims,
@@ -682,6 +805,7 @@ class Influence:
             queries=queries,
             factor_bytes=factor_bytes,
             sizes_known=known,
+            copies=2 if checked else 1,
         )
 
     # ------------------------------------------------------------------ persistence
@@ -710,6 +834,25 @@ class Influence:
                 tensors[f"{name}::corrected"] = curv.corrected
             if self.target_gradient is not None:
                 tensors[f"{name}::target_gradient"] = self.target_gradient[name]
+            if self.shadow is not None:  # the seed check's twin: its sketches, factors and target
+                twin, twin_curv = self.shadow.layers[name], self.shadow.curvature[name]
+                state = {
+                    "sketch_a": twin.sketch_a,
+                    "sketch_e": twin.sketch_e,
+                    "activation_covariance": twin_curv.activation_covariance,
+                    "gradient_covariance": twin_curv.gradient_covariance,
+                    "corrected": twin_curv.corrected,
+                    "target_gradient": (self.shadow.target_gradient or {}).get(name),
+                }
+                own = {  # a side the twin shares with the engine (left unsketched) is stored once
+                    "sketch_a": layer.sketch_a,
+                    "sketch_e": layer.sketch_e,
+                    "activation_covariance": curv.activation_covariance,
+                    "gradient_covariance": curv.gradient_covariance,
+                    "corrected": curv.corrected,
+                }
+                state = {k: v for k, v in state.items() if v is not None and v is not own.get(k)}
+                tensors.update({f"check::{name}::{k}": v for k, v in state.items()})
             meta[name] = {
                 "sketch_dim_a": layer.sketch_dim_a,
                 "sketch_dim_e": layer.sketch_dim_e,
@@ -771,11 +914,44 @@ class Influence:
             )
             if f"{name}::corrected" in tensors:
                 self.curvature[name] = self._corrected(name, self.curvature[name], tensors[f"{name}::corrected"])
+        self._load_shadow(tensors)
         if f"{next(iter(payload['layers']))}::target_gradient" in tensors:
             self.target_gradient = {name: tensors[f"{name}::target_gradient"] for name in payload["layers"]}
             self.target_examples = payload["target_examples"]
             self._precondition_target()
+        self._restart_seed_check()
         return self
+
+    def _load_shadow(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Rebuild the seed check's twin from saved state (absent when it was off or nothing was sketched)."""
+        self.shadow = None
+        if not any(key.startswith("check::") for key in tensors):
+            return
+        self.shadow = Influence(self.model, dataclasses.replace(self.config, seed=self.config.seed + 1, seed_check=0))
+        self.shadow.damping_override = self.damping_override
+        for name, layer in self.layers.items():
+            shared = {  # stored once when the twin shares them
+                "sketch_a": layer.sketch_a,
+                "sketch_e": layer.sketch_e,
+                "activation_covariance": self.curvature[name].activation_covariance,
+                "gradient_covariance": self.curvature[name].gradient_covariance,
+                "corrected": self.curvature[name].corrected,
+            }
+            saved = {k[len(f"check::{name}::") :]: v for k, v in tensors.items() if k.startswith(f"check::{name}::")}
+            saved = {**{k: v for k, v in shared.items() if v is not None}, **saved}
+            self.shadow.layers[name] = LayerSketch(
+                layer.info, saved.get("sketch_a"), saved.get("sketch_e"), layer.sketch_dim_a, layer.sketch_dim_e
+            )
+            damping = self.curvature[name].damping
+            curv = self.shadow._decompose(
+                name, saved["activation_covariance"], saved["gradient_covariance"], damping=damping
+            )
+            if "corrected" in saved:
+                curv = self.shadow._corrected(name, curv, saved["corrected"], damping)
+            self.shadow.curvature[name] = curv
+        first = next(iter(self.layers))
+        if f"check::{first}::target_gradient" in tensors:
+            self.shadow.target_gradient = {name: tensors[f"check::{name}::target_gradient"] for name in self.layers}
 
 
 def _all_reduce(tensors: list[torch.Tensor]) -> None:

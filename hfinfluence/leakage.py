@@ -76,3 +76,51 @@ class LeakageReport:
             f"target gradient outside the curvature's range: {self.total:.1%} overall "
             f"(largest: {worst}); per target example: {spread}"
         )
+
+
+#: two sketch seeds ranking the probe candidates below this Spearman correlation trigger a warning
+SEED_SPEARMAN_WARNING = 0.9
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    ranks = torch.empty_like(x)
+    ranks[x.argsort()] = torch.arange(x.numel(), dtype=x.dtype, device=x.device)
+    return ranks
+
+
+@dataclass
+class SeedCheck:
+    """The same candidates scored against the same target through the engine's sketch and through a second,
+    independently seeded sketch of the same sizes and damping (ALGORITHMS.md §3).
+
+    ``spearman`` is the rank correlation of the two score vectors; ``spread`` is the standard deviation of
+    their difference over the standard deviation of the engine's scores (0 = seed-independent). Both come
+    from ``examples`` candidates: the first ones scored after the target or the curvature last changed.
+    """
+
+    examples: int
+    spearman: float
+    spread: float
+
+    @classmethod
+    def from_scores(cls, first: torch.Tensor, second: torch.Tensor) -> SeedCheck:
+        first, second = first.double(), second.double()
+        if first.numel() < 2:
+            return cls(int(first.numel()), float("nan"), float("nan"))
+        rank_a, rank_b = _ranks(first), _ranks(second)
+        rank_a, rank_b = rank_a - rank_a.mean(), rank_b - rank_b.mean()
+        denominator = float(rank_a.norm() * rank_b.norm())
+        spearman = min(1.0, max(-1.0, float(rank_a @ rank_b) / denominator)) if denominator > 0 else float("nan")
+        scale = float(first.std())
+        spread = float((first - second).std()) / scale if scale > 0 else float("nan")
+        return cls(int(first.numel()), spearman, spread)
+
+    @property
+    def worrying(self) -> bool:
+        return self.spearman < SEED_SPEARMAN_WARNING
+
+    def __str__(self) -> str:
+        return (
+            f"two sketch seeds over {self.examples} candidates: Spearman {self.spearman:.3f}, score difference "
+            f"{self.spread:.1%} of the scores' spread"
+        )

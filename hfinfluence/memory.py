@@ -43,11 +43,15 @@ def plan_memory(
     queries: int,
     factor_bytes: int,
     sizes_known: bool,
+    copies: int = 1,
 ) -> MemoryPlan:
-    """Estimate a `MemoryPlan` for layers with ``widths`` (d_in, d_out), sketch sizes and first-fit widths."""
+    """Estimate a `MemoryPlan` for layers with ``widths`` (d_in, d_out), sketch sizes and first-fit widths.
+
+    ``copies`` = 2 when the seed check keeps a second, independently seeded set of sketched factors.
+    """
     first = sum(a * a + e * e for a, e in pilot_widths) * factor_bytes
     squares = sum(a * a + e * e for a, e in sketch_dims)
-    bases = (2 * squares + sum(a * e for a, e in sketch_dims)) * factor_bytes  # eigvecs, factors, scale
+    bases = copies * (2 * squares + sum(a * e for a, e in sketch_dims)) * factor_bytes  # eigvecs, factors, scale
     batch = max(batch_size * tokens * (a + e + da + de) for (a, e), (da, de) in zip(sketch_dims, widths, strict=True))
     per_example = sum(a * e for a, e in sketch_dims) * (queries + batch_size) * factor_bytes
     return MemoryPlan(

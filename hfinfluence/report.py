@@ -254,16 +254,31 @@ def _curvature_section(inputs: ReportInputs) -> str:
 
 
 def _leakage_section(inputs: ReportInputs) -> str:
-    leakage = inputs.manifest.get("info", {}).get("leakage")
-    if not leakage:
-        return "## Leakage diagnostic\n\nNot computed for this run."
-    worst = ", ".join(f"`{name}` {value:.1%}" for name, value in leakage.get("worst_layers", []))
-    return (
-        "## Leakage diagnostic\n\n"
-        f"Share of the target gradient outside the range of the fitted curvature: {leakage['total']:.1%} overall; "
-        f"largest layers: {worst}. Sketched scores pick up noise from this part; when it is large, raise "
-        "`--damping` or the sketch size, or fit the curvature on rows that resemble the target."
-    )
+    info = inputs.manifest.get("info", {})
+    leakage, check = info.get("leakage"), info.get("seed_check")
+    parts = ["## Leakage diagnostic"]
+    if leakage:
+        worst = ", ".join(f"`{name}` {value:.1%}" for name, value in leakage.get("worst_layers", []))
+        parts.append(
+            f"Share of the target gradient outside the range of the fitted curvature: {leakage['total']:.1%} "
+            f"overall; largest layers: {worst}. Sketched scores pick up noise from this part; when it is large, "
+            "raise `--damping` or the sketch size, or fit the curvature on rows that resemble the target."
+        )
+    else:
+        parts.append("Kernel fraction: not computed for this run.")
+    if check:
+        parts.append(
+            f"Seed check: the first {check['examples']} scored candidates, scored again through a second sketch "
+            f"with another seed, rank with Spearman {check['spearman']:.3f} against the scores used here; the two "
+            f"differ by {check['spread']:.1%} of the scores' spread. Below 0.9 the ranking depends on the sketch: "
+            "raise `--sketch-budget` (or lower `--epsilon`)."
+        )
+    else:
+        parts.append(
+            "Seed check: not computed for this run (`seed_check` off, no sketch, or every score came from the "
+            "gradient cache)."
+        )
+    return "\n\n".join(parts)
 
 
 def _notes_section(inputs: ReportInputs) -> str:
@@ -319,6 +334,12 @@ def wandb_scalars(inputs: ReportInputs) -> dict[str, float]:
         "influence/score_std": float(valid.std()) if valid.size else math.nan,
         "influence/scored": float(valid.size),
     }
+    info = inputs.manifest.get("info", {})
+    if info.get("leakage"):
+        metrics["influence/leakage"] = float(info["leakage"]["total"])
+    if info.get("seed_check"):
+        metrics["influence/seed_spearman"] = float(info["seed_check"]["spearman"])
+        metrics["influence/seed_spread"] = float(info["seed_check"]["spread"])
     if inputs.kept is not None:
         metrics["select/kept"] = float(inputs.kept.size)
         metrics["select/kept_fraction"] = inputs.kept.size / max(scores.shape[0], 1)

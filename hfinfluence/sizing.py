@@ -128,7 +128,14 @@ class SizingRow:
 
 
 class SizingTable(list):
-    """Rows of `SizingRow`, one per tracked module; ``str()`` gives an aligned text table."""
+    """Rows of `SizingRow`, one per tracked module; ``str()`` gives an aligned text table followed by the
+    ``notes`` (whole-target diagnostics: leakage, seed check)."""
+
+    notes: list[str]
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.notes = []
 
     columns = (
         "module",
@@ -180,6 +187,7 @@ class SizingTable(list):
             f"{t['modules']} modules; sketched gradient size {t['sketched_params']:,} "
             f"of {t['full_params']:,} parameters"
         )
+        lines += self.notes
         return "\n".join(lines)
 
     def to_markdown(self) -> str:

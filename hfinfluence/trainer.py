@@ -77,7 +77,7 @@ class InfluenceTrainingArguments(TrainingArguments):
     ``sketch``, ``sketch_dims``, ``epsilon``, ``sizing_constant``, ``sizing_delta`` (the engine's ``delta``),
     ``damping``, ``damping_factor``, ``sketch_budget``, ``curvature``, ``influence_seed`` (the engine's ``seed``;
     defaults to ``seed``),
-    ``loss_reduction``, ``factor_dtype``, ``exact_factor_limit``, ``allow_shared``.
+    ``loss_reduction``, ``factor_dtype``, ``exact_factor_limit``, ``seed_check``, ``allow_shared``.
 
     >>> args = InfluenceTrainingArguments("out", selection="filter", buffer_multiplier=4)  # doctest: +SKIP
     >>> args.keep_ratio  # defaults to 1 / buffer_multiplier                                   # doctest: +SKIP
@@ -161,6 +161,11 @@ class InfluenceTrainingArguments(TrainingArguments):
         "Engine: widths sized from exact factors up to this; wider ones from a pilot sketch.",
         default=InfluenceConfig.exact_factor_limit,
     )
+    seed_check: int = _help(
+        "Engine: candidates scored also through a second sketch seed after each target or curvature change "
+        "(0: off); their agreement is logged as influence/seed_spearman and influence/seed_spread.",
+        default=InfluenceConfig.seed_check,
+    )
     allow_shared: bool = _help(
         "Engine: track tied or reused modules instead of refusing them.", default=InfluenceConfig.allow_shared
     )
@@ -219,6 +224,7 @@ class InfluenceTrainingArguments(TrainingArguments):
             loss_reduction=self.loss_reduction,
             factor_dtype=self.factor_dtype,
             exact_factor_limit=self.exact_factor_limit,
+            seed_check=self.seed_check,
             allow_shared=self.allow_shared,
         )
 
@@ -773,6 +779,10 @@ class InfluenceTrainer(Trainer):
         leakage = getattr(self.engine, "leakage_report", None)
         if leakage is not None:
             metrics["influence/leakage"] = float(leakage.total)
+        check = getattr(self.engine, "seed_check", None)
+        if check is not None:
+            metrics["influence/seed_spearman"] = check.spearman
+            metrics["influence/seed_spread"] = check.spread
         if self.accelerator.is_main_process and self._wandb_on() and torch.isfinite(scores).any():
             self._log_media(scores, weights, index, groups)
         return metrics

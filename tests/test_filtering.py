@@ -102,6 +102,9 @@ def test_report_has_the_command_groups_examples_sizing_and_histogram(parquet_run
         assert heading in report
     assert "## Curvature and sketches" in report and "memory plan" in report and "model.layers.0.mlp.up_proj" in report
     assert "## Leakage diagnostic" in report
+    check = json.loads((parquet_run / "manifest.json").read_text())["info"]["seed_check"]
+    assert 2 <= check["examples"] <= 37 and -1 <= check["spearman"] <= 1 and check["spread"] >= 0
+    assert f"Seed check: the first {check['examples']} scored candidates" in report
     assert "| animals | 13 |" in report and "| math | 24 |" in report
     assert (parquet_run / "score_histogram.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -13,9 +13,10 @@ def test_memory_plan_before_and_after_fit(llama):
     assert before.sizes_known
     engine.fit(split_batch(FIT, 4))
     after = engine.memory_plan(batch_size=4, tokens=14, queries=3)
-    held = sum(c.eigvecs_a.numel() + c.eigvecs_e.numel() for c in engine.curvature.values()) * 8
-    held += sum(c.scale.numel() for c in engine.curvature.values()) * 8
-    held += sum(c.activation_covariance.numel() + c.gradient_covariance.numel() for c in engine.curvature.values()) * 8
+    kept = [*engine.curvature.values(), *engine.shadow.curvature.values()]  # the seed check's twin too
+    held = sum(c.eigvecs_a.numel() + c.eigvecs_e.numel() for c in kept) * 8
+    held += sum(c.scale.numel() for c in kept) * 8
+    held += sum(c.activation_covariance.numel() + c.gradient_covariance.numel() for c in kept) * 8
     assert after.eigenbases == held
     widths = sum(i.d_in**2 + i.d_out**2 for i in engine.tracked.values())
     assert after.first_fit_factors == widths * 8  # float64 model: exact factors in float64

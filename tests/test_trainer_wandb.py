@@ -19,6 +19,8 @@ PER_STEP_KEYS = (
     "influence/damping",
     "influence/target_loss",
     "influence/leakage",
+    "influence/seed_spearman",
+    "influence/seed_spread",
     "select/kept_fraction",
     "select/effective_fraction",
     "select/weight_min",
