@@ -31,6 +31,7 @@ INFLUENCE_FLAGS = (
     "sketch_budget",
     "epsilon",
     "delta",
+    "seed_check",
     "damping",
     "curvature",
     "loss_reduction",
@@ -132,6 +133,12 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=defaults.delta,
         help=f"failure probability δ of the sizing rule ({defaults.delta:g}; 1 drops its ln 1/δ term)",
+    )
+    group.add_argument(
+        "--seed-check",
+        type=int,
+        default=defaults.seed_check,
+        help=f"candidates also scored through a second sketch seed, in report.md ({defaults.seed_check}; 0: off)",
     )
     group.add_argument("--damping", type=_damping, default="auto", help="'auto' (0.1 × mean eigenvalue) or λ")
     group.add_argument("--curvature", default=defaults.curvature, choices=["kfac", "ekfac", "identity"])

@@ -31,6 +31,7 @@ import datasets
 import torch
 from transformers import TrainerCallback
 
+from hfinfluence.config import InfluenceConfig
 from hfinfluence.data import CausalCollator, format_prompt_completion
 from hfinfluence.models import load_model_and_tokenizer, tiny_llama, tiny_tokenizer
 from hfinfluence.trainer import InfluenceTrainer, InfluenceTrainingArguments, _model_inputs
@@ -130,6 +131,8 @@ def run(variant: str, options, model_state, parts) -> dict:
         seed=0,
         modules=options.modules,
         sketch_budget=options.sketch_budget,
+        sizing_delta=options.delta,
+        seed_check=options.seed_check,
         curvature_refresh_steps=options.refresh,
         target_refresh_steps=options.refresh,
         log_target_loss=False,
@@ -163,6 +166,12 @@ def main() -> None:
     parser.add_argument("--refresh", type=int, default=4, help="curvature and target refresh interval (steps)")
     parser.add_argument("--modules", nargs="+", default=None, help="engine module patterns (default: all)")
     parser.add_argument("--sketch-budget", type=int, default=None)
+    parser.add_argument(
+        "--delta", type=float, default=InfluenceConfig.delta, help="the sizing rule's δ (1: no log term)"
+    )
+    parser.add_argument(
+        "--seed-check", type=int, default=InfluenceConfig.seed_check, help="0 turns the seed check off"
+    )
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--variants", nargs="+", default=["off b", "off B", "bare B", "filter B", "recompute B"])
     parser.add_argument("--out", default="/tmp/bench_trainer")

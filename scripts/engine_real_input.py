@@ -39,6 +39,9 @@ def main() -> None:
     parser.add_argument("--sketch", default="gaussian")
     parser.add_argument("--epsilon", type=float, default=InfluenceConfig.epsilon)
     parser.add_argument("--sketch-budget", type=int, default=InfluenceConfig.sketch_budget)
+    parser.add_argument(
+        "--delta", type=float, default=InfluenceConfig.delta, help="the sizing rule's δ (1: no log term)"
+    )
     args = parser.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -50,7 +53,9 @@ def main() -> None:
     targets = batches_of(target, tokenizer, max_length=args.max_length, batch_size=args.batch_size)
     loaded = time.perf_counter()
 
-    config = InfluenceConfig(sketch=args.sketch, epsilon=args.epsilon, sketch_budget=args.sketch_budget)
+    config = InfluenceConfig(
+        sketch=args.sketch, epsilon=args.epsilon, sketch_budget=args.sketch_budget, delta=args.delta
+    )
     engine = Influence(model, config)
     engine.fit(candidates)
     fitted = time.perf_counter()

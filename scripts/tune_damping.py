@@ -65,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--factors", default="0.001,0.01,0.1,1,10,100", help="damping_factor grid (exact K-FAC)")
-    parser.add_argument("--budgets", default="16,64", help="sketch_budget values of the sketched default")
+    parser.add_argument("--budgets", default="32,64", help="sketch_budget values of the sketched default")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default="docs/faithfulness/tune_damping.json")
