@@ -64,7 +64,6 @@ def main() -> None:
     scored = time.perf_counter()
 
     print(engine.sizing())
-    print(engine.leakage_report)
     print(engine.memory_plan(batch_size=args.batch_size, tokens=args.max_length))
     print(f"\ntop {args.top} of {len(scores)} candidates for {os.path.basename(args.target)}:")
     for rank, index in enumerate(scores.argsort(descending=True)[: args.top].tolist(), start=1):
