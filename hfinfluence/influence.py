@@ -893,7 +893,8 @@ class Influence:
         self.damping_override = {
             n: m["damping_override"] for n, m in payload["layers"].items() if m.get("damping_override") is not None
         }
-        for name, meta in payload["layers"].items():
+        for name in (n for n in self.tracked if n in payload["layers"]):  # model order, as `fit` builds them
+            meta = payload["layers"][name]
             stored = {
                 k: tensors.get(f"{name}::{k}")
                 for k in ("sketch_a", "sketch_e", "pilot_a", "pilot_e", "null_a", "null_e")

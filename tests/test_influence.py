@@ -175,6 +175,7 @@ def test_save_load_round_trip_and_refusal(llama, tmp_path):
     engine = fitted(llama, sketch="countsketch", sketch_dims=(5, 5))
     engine.save(tmp_path / "state")
     restored = Influence(llama, InfluenceConfig(sketch="countsketch", sketch_dims=(5, 5))).load(tmp_path / "state")
+    assert list(restored.layers) == list(engine.layers) == list(engine.tracked)  # model order, not file order
     torch.testing.assert_close(restored.score(CANDIDATES), engine.score(CANDIDATES), rtol=RTOL, atol=ATOL)
     with pytest.raises(ConfigMismatchError, match="saved:.*\n.*current:"):
         Influence(llama, InfluenceConfig(sketch="countsketch", sketch_dims=(6, 5))).load(tmp_path / "state")
