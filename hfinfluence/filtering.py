@@ -848,7 +848,7 @@ class GradientCache:
         where = {position: i for i, position in enumerate(usable)}
         out = torch.empty(len(usable), self.direction.numel(), dtype=self.direction.dtype)
         for chosen, batch in batches:
-            layers = engine.sketch_gradients(batch)
+            layers = engine.sketch_gradients(batch, candidates=True)  # also feeds the seed check
             flat = torch.cat([layers[name].reshape(len(chosen), -1) for name in self.names], dim=1)
             out[[where[c] for c in chosen]] = flat.detach().cpu().to(out.dtype)
         return out

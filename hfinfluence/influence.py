@@ -470,20 +470,27 @@ class Influence:
 
     # ------------------------------------------------------------------ gradients and scores
 
-    def sketch_gradients(self, batch: Mapping) -> dict[str, torch.Tensor]:
+    def sketch_gradients(self, batch: Mapping, *, candidates: bool = False) -> dict[str, torch.Tensor]:
         """Per-example sketched layer gradients S_i = Σ_t (P_E e_t)(P_A a_t)ᵀ, [batch, m_E, m_A] per layer.
 
         With ``sketch="none"`` these are the exact per-example gradients (Conv1D's transposed to [d_out, d_in]).
+        ``candidates=True`` marks the rows as candidates for the current target, so the seed check can use
+        them as `score` would (for callers that store gradients and score them later).
         """
         self._require_curvature()
         out: dict[str, torch.Tensor] = {}
+        probing, scores = candidates and self.target is not None and self._probing(), {}
 
         def collect(info, a, e):
             pa, pe = self._sketch(self.layers[info.name], a, e)
             grad = torch.einsum("bte,bta->bea", pe, pa)
             out[info.name] = out[info.name] + grad if info.name in out else grad
+            if probing:
+                self._score_layer(scores, info.name, a, e, True)
 
-        self._run(batch, collect)
+        inputs, _ = self._run(batch, collect)
+        if probing:
+            self._add_probes(scores["engine"], scores["twin"], inputs["valid"])
         return out
 
     def set_target(self, batches: Iterable[Mapping]) -> Influence:

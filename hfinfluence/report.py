@@ -275,7 +275,7 @@ def _leakage_section(inputs: ReportInputs) -> str:
         )
     else:
         parts.append(
-            "Seed check: not computed for this run (`seed_check` off, no sketch, or every score came from the "
+            "Seed check: not computed for this run (`seed_check` off, no sketch, or every score was read from the "
             "gradient cache)."
         )
     return "\n\n".join(parts)

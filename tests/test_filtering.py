@@ -345,3 +345,9 @@ def test_cached_gradients_score_like_the_engine_and_serve_another_target(workspa
         cached = pq.read_table(tmp_path / name / "scores.parquet").column("score").to_numpy()
         direct = pq.read_table((tmp_path / "c" if name == "b" else parquet_run) / "scores.parquet")
         np.testing.assert_allclose(cached, direct.column("score").to_numpy(), rtol=1e-9)
+    # the seed check comes from the rows whose gradients were computed (a), not from those read back (b)
+    checks = {n: json.loads((tmp_path / n / "manifest.json").read_text())["info"].get("seed_check") for n in "abc"}
+    assert checks["a"] is not None and checks["b"] is None
+    assert checks["a"]["spearman"] == pytest.approx(
+        json.loads((parquet_run / "manifest.json").read_text())["info"]["seed_check"]["spearman"]
+    )

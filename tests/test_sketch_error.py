@@ -3,7 +3,6 @@ own sketch, eigendecomposition and preconditioning."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from hfinfluence.curvature import eigendecompose, inverse_scale, precondition
