@@ -605,7 +605,13 @@ class Influence:
 
     def _restart_seed_check(self) -> None:
         """The target or the curvature changed: the next scored candidates are compared afresh."""
-        self._probes, self.seed_check = [], None
+        self._probes = []
+        if self.shadow is not None:
+            self.seed_check = None
+
+    def stop_seed_check(self) -> None:
+        """Drop the seed check's twin and what it costs per pass; `seed_check` keeps the last measurement."""
+        self.shadow, self._probes = None, []
 
     def _probing(self) -> bool:
         return (
@@ -728,6 +734,8 @@ class Influence:
         """
         if not self.pending:
             return False
+        if self.shadow is not None and set(self.shadow.pending) != set(self.pending):
+            self.stop_seed_check()  # e.g. resumed from pending sums saved without the twin's: it cannot follow
         for name, sums in self.pending.items():
             sums.all_reduce_()
             self.curvature[name] = self._decompose(name, *sums.factors())

@@ -162,8 +162,8 @@ class InfluenceTrainingArguments(TrainingArguments):
         default=InfluenceConfig.exact_factor_limit,
     )
     seed_check: int = _help(
-        "Engine: candidates scored also through a second sketch seed after each target or curvature change "
-        "(0: off); their agreement is logged as influence/seed_spearman and influence/seed_spread.",
+        "Engine: candidates scored also through a second sketch seed (0: off), until the first curvature "
+        "refresh; their agreement is logged as influence/seed_spearman and influence/seed_spread.",
         default=InfluenceConfig.seed_check,
     )
     allow_shared: bool = _help(
@@ -639,6 +639,9 @@ class InfluenceTrainer(Trainer):
         EK-FAC's eigenvalue correction needs the new eigenbases first, so it cannot be accumulated from the
         training passes: its refresh costs one extra forward+backward over the buffer.
         """
+        # The seed check measures the first curvature only: following every refresh would double the
+        # engine's per-step sketching. Its last value stays in `engine.seed_check` and the logs.
+        self.engine.stop_seed_check()
         if self.args.curvature == "ekfac":
             self.engine.fit([_engine_batch(inputs)])
         else:

@@ -58,6 +58,9 @@ def test_each_selection_mode_trains_logs_and_repeats(tmp_path, selection):
         for key in ("influence/score_mean", "influence/score_std", "influence/damping", "select/effective_fraction"):
             assert len(logged(trainer, key)) == 4 and all(math.isfinite(v) for v in logged(trainer, key))
         assert len(logged(trainer, "select/kept/gsm8k")) == 4
+        # the seed check measured the first curvature and was dropped at the first refresh, its value kept
+        assert trainer.engine.shadow is None and trainer.engine.seed_check is not None
+        assert len(logged(trainer, "influence/seed_spearman")) == 4
         assert all(len(record["index"]) == 8 for record in histories[0])
     if selection == "reweight":
         for record in histories[0]:
