@@ -486,7 +486,7 @@ class Influence:
             grad = torch.einsum("bte,bta->bea", pe, pa)
             out[info.name] = out[info.name] + grad if info.name in out else grad
             if probing:
-                self._score_layer(scores, info.name, a, e, True)
+                self._score_layer(scores, info.name, a, e, True, sketched=(pa, pe))
 
         inputs, _ = self._run(batch, collect)
         if probing:
@@ -593,11 +593,14 @@ class Influence:
             self._add_probes(scores["engine"], scores["twin"], inputs["valid"])
         return scores["engine"].detach().cpu()
 
-    def _score_layer(self, scores: dict, name: str, a, e, probing: bool) -> None:
-        """Add one layer's part of the scores (and of the seed check's twin scores when ``probing``)."""
+    def _score_layer(self, scores: dict, name: str, a, e, probing: bool, sketched=None) -> None:
+        """Add one layer's part of the scores (and of the seed check's twin scores when ``probing``).
+
+        ``sketched`` = the engine's (P_A a, P_E e) when the caller has them already.
+        """
         engines = (("engine", self), ("twin", self.shadow)) if probing else (("engine", self),)
         for key, engine in engines:
-            pa, pe = self._sketch(engine.layers[name], a, e)
+            pa, pe = sketched if key == "engine" and sketched is not None else self._sketch(engine.layers[name], a, e)
             part = ((pe @ engine.target[name]) * pa).sum(dim=(1, 2))
             scores[key] = part if key not in scores else scores[key] + part
 
@@ -695,11 +698,12 @@ class Influence:
         scores: dict[str, torch.Tensor] = {}
 
         def callback(info, a, e):
+            sketched = self._sketch(self.layers[info.name], a, e)  # once, for scoring and curvature alike
             if score:
-                self._score_layer(scores, info.name, a, e, probing)
+                self._score_layer(scores, info.name, a, e, probing, sketched=sketched)
                 observation.scores = scores["engine"]
             if accumulate_curvature:
-                self._pending_sums(info.name).add(*self._sketch(self.layers[info.name], a, e))
+                self._pending_sums(info.name).add(*sketched)
                 if self.shadow is not None:
                     self.shadow._pending_sums(info.name).add(*self._sketch(self.shadow.layers[info.name], a, e))
 
