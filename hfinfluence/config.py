@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +102,15 @@ class InfluenceConfig:
             raise ConfigError(f"`seed_check` must be an int >= 0 (0 = off), got {self.seed_check!r}.")
         if not self.sizing_constant > 0:
             raise ConfigError(f"`sizing_constant` must be > 0, got {self.sizing_constant!r}.")
+        budgeted = self.sketch != "none" and self.sketch_dims == "auto" and self.damping == "auto"
+        if budgeted and self.sketch_budget is not None:
+            lowest = math.ceil(self.sizing_constant * math.log(1.0 / self.delta) / self.epsilon**2)
+            if self.sketch_budget < lowest:
+                raise ConfigError(
+                    f"`sketch_budget` {self.sketch_budget} is below the sizing rule's smallest sketch, "
+                    f"ceil(c · ln(1/δ) / ε²) = {lowest} rows (c={self.sizing_constant:g}, δ={self.delta:g}, "
+                    f"ε={self.epsilon:g}); raise `sketch_budget` to at least {lowest}, or raise `epsilon` or `delta`."
+                )
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)

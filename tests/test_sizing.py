@@ -81,6 +81,13 @@ def test_budget_below_the_rule_floor_is_refused_with_the_minimum():
     assert damping_for_budget(ALPHA, GAMMA, budget=16, widths=(64, 48), floor=1e-8, epsilon=0.5, constant=2.0) > 1e-8
 
 
+def test_config_refuses_a_budget_below_the_rule_floor_before_any_work():
+    with pytest.raises(ConfigError, match=r"`sketch_budget` 16 .* 24 rows"):
+        InfluenceConfig(sketch_budget=16)
+    InfluenceConfig(sketch_budget=16, delta=1.0)  # without the log term any budget can be met
+    InfluenceConfig(sketch_budget=4, sketch="none")  # no sketch: the budget plays no part
+
+
 @pytest.mark.parametrize("delta", [0.0, -0.1, 1.5, True])
 def test_delta_is_validated(delta):
     with pytest.raises(ConfigError, match="delta"):
