@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError
+from .sizing import rule_rows
 
 SKETCH_FAMILIES = ("gaussian", "rademacher", "countsketch", "none")
 CURVATURES = ("kfac", "ekfac", "identity")
@@ -102,15 +102,24 @@ class InfluenceConfig:
             raise ConfigError(f"`seed_check` must be an int >= 0 (0 = off), got {self.seed_check!r}.")
         if not self.sizing_constant > 0:
             raise ConfigError(f"`sizing_constant` must be > 0, got {self.sizing_constant!r}.")
-        budgeted = self.sketch != "none" and self.sketch_dims == "auto" and self.damping == "auto"
-        if budgeted and self.sketch_budget is not None:
-            lowest = math.ceil(self.sizing_constant * math.log(1.0 / self.delta) / self.epsilon**2)
+        if self.budgeted:
+            lowest = rule_rows(0.0, epsilon=self.epsilon, constant=self.sizing_constant, delta=self.delta)
             if self.sketch_budget < lowest:
                 raise ConfigError(
                     f"`sketch_budget` {self.sketch_budget} is below the sizing rule's smallest sketch, "
                     f"ceil(c · ln(1/δ) / ε²) = {lowest} rows (c={self.sizing_constant:g}, δ={self.delta:g}, "
                     f"ε={self.epsilon:g}); raise `sketch_budget` to at least {lowest}, or raise `epsilon` or `delta`."
                 )
+
+    @property
+    def budgeted(self) -> bool:
+        """Whether ``sketch_budget`` applies: a budget with a random sketch, auto sizes and auto damping."""
+        return (
+            self.sketch_budget is not None
+            and self.sketch != "none"
+            and self.sketch_dims == "auto"
+            and self.damping == "auto"
+        )
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)

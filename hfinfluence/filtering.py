@@ -1205,13 +1205,7 @@ def score_all(job: FilterJob, context: RunContext, candidates, target, folder: R
     num_rows = score_shards(job, context, engine, candidates, folder)
     context.times["score"] = time.perf_counter() - started
     if engine.seed_check is not None:  # this process's first scored candidates (the main process's are reported)
-        check = engine.seed_check
-        info["seed_check"] = {
-            "examples": check.examples,
-            "spearman": check.spearman,
-            "spread": check.spread,
-            "text": str(check),
-        }
+        info["seed_check"] = {**asdict(engine.seed_check), "text": str(engine.seed_check)}
     context.state.wait_for_everyone()
     if context.state.is_main_process:
         merged, writers = merge_shards(folder, num_rows, job.shard_size)

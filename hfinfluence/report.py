@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from .leakage import SEED_SPEARMAN_WARNING
 from .logs import get_logger
 from .sizing import SizingRow, SizingTable
 
@@ -270,7 +271,8 @@ def _leakage_section(inputs: ReportInputs) -> str:
         parts.append(
             f"Seed check: the first {check['examples']} scored candidates, scored again through a second sketch "
             f"with another seed, rank with Spearman {check['spearman']:.3f} against the scores used here; the two "
-            f"differ by {check['spread']:.1%} of the scores' spread. Below 0.9 the ranking depends on the sketch: "
+            f"differ by {check['spread']:.1%} of the scores' spread. Below {SEED_SPEARMAN_WARNING:g} the ranking "
+            "depends on the sketch: "
             "raise `--sketch-budget` (or lower `--epsilon`)."
         )
     else:
