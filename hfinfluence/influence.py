@@ -145,6 +145,7 @@ class Influence:
         self.seed_check: SeedCheck | None = None
         self._probes: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._warned: set[str] = set()  # each kind of diagnostic warning is logged once per engine
+        self._twin_follows = True  # observed passes feed the twin's factors (see `hold_seed_check`)
 
     # ------------------------------------------------------------------ passes
 
@@ -223,10 +224,7 @@ class Influence:
             batches = list(batches)  # a second pass refits the eigenvalues in the new eigenbases
         first = not self.layers
         if first and self.config.seed_check and self.config.sketch != "none":
-            self.shadow = Influence(
-                self.model, dataclasses.replace(self.config, seed=self.config.seed + 1, seed_check=0)
-            )
-            self.shadow.damping_override = self.damping_override
+            self.shadow = self._new_twin()
         bases = self._sizing_bases() if first else None
         sums = {name: self._zero_sums(name, bases) for name in self.tracked}
         twin = {} if first or self.shadow is None else {name: self.shadow._zero_sums(name, None) for name in sums}
@@ -269,7 +267,7 @@ class Influence:
 
     def _fit_eigenvalue_correction(self, batches: list[Mapping]) -> None:
         """EK-FAC: Λ = mean over examples of (U_Eᵀ S_i U_A)², replacing the products γ_j α_i (ALGORITHMS.md §2)."""
-        engines = [self] if self.shadow is None else [self, self.shadow]
+        engines = self._with_twin()
         sums = [
             {
                 n: torch.zeros(lay.sketch_dim_e, lay.sketch_dim_a, dtype=self.dtype, device=self.device)
@@ -348,8 +346,7 @@ class Influence:
         eig_a = eigendecompose(activation, module=name, what="activation covariance", dtype=self.dtype)
         eig_e = eigendecompose(gradient, module=name, what="gradient covariance", dtype=self.dtype)
         damping = self._damping(name, activation, gradient)
-        budgeted = config.sketch != "none" and config.sketch_dims == "auto" and config.damping == "auto"
-        if config.sketch_budget and budgeted:
+        if config.budgeted:
             damping = damping_for_budget(
                 eig_a[0],
                 eig_e[0],
@@ -616,6 +613,22 @@ class Influence:
         """Drop the seed check's twin and what it costs per pass; `seed_check` keeps the last measurement."""
         self.shadow, self._probes = None, []
 
+    def hold_seed_check(self) -> None:
+        """Keep the seed check to the current curvature: observed passes stop feeding the twin's factors (half
+        of `observe`'s sketching), and the next `refresh_curvature` drops the twin, keeping `seed_check`."""
+        self._twin_follows = False
+
+    def _new_twin(self) -> Influence:
+        """The seed check's twin: this config with the next seed, sharing the budget-tied λ per layer."""
+        twin = Influence(self.model, dataclasses.replace(self.config, seed=self.config.seed + 1, seed_check=0))
+        twin.damping_override = self.damping_override
+        return twin
+
+    def _with_twin(self, *, following: bool = False) -> list[Influence]:
+        """This engine, and its twin when there is one (with ``following``: only while it follows refreshes)."""
+        twin = self.shadow is not None and (self._twin_follows or not following)
+        return [self, self.shadow] if twin else [self]
+
     def _probing(self) -> bool:
         return (
             self.shadow is not None
@@ -704,8 +717,8 @@ class Influence:
                 observation.scores = scores["engine"]
             if accumulate_curvature:
                 self._pending_sums(info.name).add(*sketched)
-                if self.shadow is not None:
-                    self.shadow._pending_sums(info.name).add(*self._sketch(self.shadow.layers[info.name], a, e))
+                for twin in self._with_twin(following=True)[1:]:
+                    twin._pending_sums(info.name).add(*self._sketch(twin.layers[info.name], a, e))
 
         capture = GradientCapture(self.tracked, callback, allow_shared=self.config.allow_shared)
         observation = Observation(capture)
@@ -717,8 +730,7 @@ class Influence:
             self._add_probes(scores["engine"], scores["twin"], labelled_examples(labels).to(scores["engine"].device))
         if accumulate_curvature:
             tokens, examples = attention_mask.sum(), int(labelled_examples(labels).sum())
-            engines = [self] if self.shadow is None else [self, self.shadow]
-            for engine in engines:
+            for engine in self._with_twin(following=True):
                 for name in self.layers:
                     engine._pending_sums(name).add_counts(tokens * max(calls.get(name, 0), 1), examples)
 
@@ -739,7 +751,7 @@ class Influence:
         if not self.pending:
             return False
         if self.shadow is not None and set(self.shadow.pending) != set(self.pending):
-            self.stop_seed_check()  # e.g. resumed from pending sums saved without the twin's: it cannot follow
+            self.stop_seed_check()  # held (`hold_seed_check`), or resumed from sums saved without the twin's
         for name, sums in self.pending.items():
             sums.all_reduce_()
             self.curvature[name] = self._decompose(name, *sums.factors())
@@ -863,13 +875,7 @@ class Influence:
                     "corrected": twin_curv.corrected,
                     "target_gradient": (self.shadow.target_gradient or {}).get(name),
                 }
-                own = {  # a side the twin shares with the engine (left unsketched) is stored once
-                    "sketch_a": layer.sketch_a,
-                    "sketch_e": layer.sketch_e,
-                    "activation_covariance": curv.activation_covariance,
-                    "gradient_covariance": curv.gradient_covariance,
-                    "corrected": curv.corrected,
-                }
+                own = _shareable(layer, curv)  # a side the twin shares (left unsketched) is stored once
                 state = {k: v for k, v in state.items() if v is not None and v is not own.get(k)}
                 tensors.update({f"check::{name}::{k}": v for k, v in state.items()})
             meta[name] = {
@@ -947,16 +953,9 @@ class Influence:
         self.shadow = None
         if not any(key.startswith("check::") for key in tensors):
             return
-        self.shadow = Influence(self.model, dataclasses.replace(self.config, seed=self.config.seed + 1, seed_check=0))
-        self.shadow.damping_override = self.damping_override
+        self.shadow = self._new_twin()
         for name, layer in self.layers.items():
-            shared = {  # stored once when the twin shares them
-                "sketch_a": layer.sketch_a,
-                "sketch_e": layer.sketch_e,
-                "activation_covariance": self.curvature[name].activation_covariance,
-                "gradient_covariance": self.curvature[name].gradient_covariance,
-                "corrected": self.curvature[name].corrected,
-            }
+            shared = _shareable(layer, self.curvature[name])  # stored once when the twin shares them
             saved = {k[len(f"check::{name}::") :]: v for k, v in tensors.items() if k.startswith(f"check::{name}::")}
             saved = {**{k: v for k, v in shared.items() if v is not None}, **saved}
             self.shadow.layers[name] = LayerSketch(
@@ -972,6 +971,17 @@ class Influence:
         first = next(iter(self.layers))
         if f"check::{first}::target_gradient" in tensors:
             self.shadow.target_gradient = {name: tensors[f"check::{name}::target_gradient"] for name in self.layers}
+
+
+def _shareable(layer: LayerSketch, curv: LayerCurvature) -> dict[str, torch.Tensor | None]:
+    """The per-layer tensors the seed check's twin holds too, by the names its saved state uses."""
+    return {
+        "sketch_a": layer.sketch_a,
+        "sketch_e": layer.sketch_e,
+        "activation_covariance": curv.activation_covariance,
+        "gradient_covariance": curv.gradient_covariance,
+        "corrected": curv.corrected,
+    }
 
 
 def _all_reduce(tensors: list[torch.Tensor]) -> None:

@@ -76,8 +76,8 @@ class InfluenceTrainingArguments(TrainingArguments):
     ``table_rows``, ``log_target_loss``, ``score_baseline``, ``record_selections``. Engine: ``modules``,
     ``sketch``, ``sketch_dims``, ``epsilon``, ``sizing_constant``, ``sizing_delta`` (the engine's ``delta``),
     ``damping``, ``damping_factor``, ``sketch_budget``, ``curvature``, ``influence_seed`` (the engine's ``seed``;
-    defaults to ``seed``),
-    ``loss_reduction``, ``factor_dtype``, ``exact_factor_limit``, ``seed_check``, ``allow_shared``.
+    defaults to ``seed``), ``loss_reduction``, ``factor_dtype``, ``exact_factor_limit``, ``seed_check``,
+    ``allow_shared``.
 
     >>> args = InfluenceTrainingArguments("out", selection="filter", buffer_multiplier=4)  # doctest: +SKIP
     >>> args.keep_ratio  # defaults to 1 / buffer_multiplier                                   # doctest: +SKIP
@@ -639,9 +639,7 @@ class InfluenceTrainer(Trainer):
         EK-FAC's eigenvalue correction needs the new eigenbases first, so it cannot be accumulated from the
         training passes: its refresh costs one extra forward+backward over the buffer.
         """
-        # The seed check measures the first curvature only: following every refresh would double the
-        # engine's per-step sketching. Its last value stays in `engine.seed_check` and the logs.
-        self.engine.stop_seed_check()
+        self.engine.stop_seed_check()  # its last value stays in `engine.seed_check` and the logs
         if self.args.curvature == "ekfac":
             self.engine.fit([_engine_batch(inputs)])
         else:
@@ -650,6 +648,9 @@ class InfluenceTrainer(Trainer):
     def _start_engine(self, model, inputs: dict) -> None:
         """Build the engine on the unwrapped model; restore it from a checkpoint or fit it and set the target."""
         engine = Influence(self.accelerator.unwrap_model(model), self.args.influence_config())
+        # The seed check measures the first curvature only: following every refresh would double the engine's
+        # per-step sketching. Held, its twin scores but no longer accumulates; it is dropped at the first refresh.
+        engine.hold_seed_check()
         state = self._resume_folder and Path(self._resume_folder, STATE_FOLDER, ENGINE_FOLDER)
         if state and state.is_dir():
             self.engine = engine.load(state)

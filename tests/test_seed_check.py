@@ -109,3 +109,14 @@ def test_each_diagnostic_warns_once_per_engine(llama, caplog):
             engine.set_target(split_batch(TARGET, 2)).score(CANDIDATES)
             assert engine.seed_check.worrying
     assert caplog.text.count("depend on the sketch seed") == 1
+
+
+def test_a_held_check_scores_without_accumulating_and_ends_at_the_refresh(llama):
+    engine = engine_for(llama, sketch="gaussian", sketch_dims=(6, 8), damping=1e-3)
+    engine.hold_seed_check()
+    with engine.observe(CANDIDATES["attention_mask"], CANDIDATES["labels"], accumulate_curvature=True) as obs:
+        logits = llama(input_ids=CANDIDATES["input_ids"], attention_mask=CANDIDATES["attention_mask"]).logits
+        torch.autograd.grad(per_example_loss(logits, CANDIDATES["labels"]).sum(), obs.outputs)
+    measured = engine.seed_check
+    assert measured.examples == 6 and engine.pending and not engine.shadow.pending
+    assert engine.refresh_curvature() and engine.shadow is None and engine.seed_check == measured
